@@ -1,0 +1,28 @@
+# Set-up and the two everyday commands. `make train` and `make test` install what they need.
+PYTHON ?= python3
+PIP ?= $(PYTHON) -m pip
+FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: setup train test contract bench
+
+$(FASHION_MNIST):
+	$(SUDO) apt-get update -qq
+	$(SUDO) apt-get install -y -qq dataset-fashion-mnist
+
+setup: $(FASHION_MNIST)
+	$(PIP) install -q -e '.[dev]'
+
+# The embedded default: DeepCluster on Fashion-MNIST, exported to runs/fashion_mnist/export.
+train: setup
+	$(PYTHON) -m dc_tf.train --flagfile=flags/fashion_mnist.cfg
+
+test: setup
+	$(PYTHON) -m pytest -q tests
+
+# The public contract of shared/DESIGN.md, when the shared/ folder sits beside the project.
+contract: setup
+	../shared/checks/contract
+
+bench: setup
+	$(PYTHON) bench/train_overhead.py

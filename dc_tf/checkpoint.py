@@ -1,0 +1,63 @@
+"""Checkpoints of everything a run needs to resume, written at the end of every good epoch."""
+
+import math
+
+import keras
+import tensorflow as tf
+from absl import logging
+
+
+class RunCheckpoint:
+    """The model (backbone, top layer, pseudo-labels, sampler state), both optimizers and the
+    number of completed epochs, under `directory` via tf.train.CheckpointManager.
+
+    The manager writes the checkpoint files first and the `checkpoint` index last, so a run
+    killed while saving resumes from the previous complete checkpoint.
+    """
+
+    def __init__(self, model: keras.Model, directory: str, max_to_keep: int = 2):
+        self.epochs_done = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self._ckpt = tf.train.Checkpoint(model=model, backbone_optimizer=model.optimizer,
+                                         head_optimizer=model.head_optimizer,
+                                         epochs_done=self.epochs_done)
+        self._manager = tf.train.CheckpointManager(self._ckpt, directory, max_to_keep=max_to_keep)
+
+    def restore(self) -> int:
+        """Restores the latest checkpoint if any; returns the number of completed epochs."""
+        path = self._manager.latest_checkpoint
+        if path is None:
+            return 0
+        self._ckpt.restore(path).assert_existing_objects_matched()
+        logging.info("resumed from %s (%d epochs done)", path, int(self.epochs_done))
+        return int(self.epochs_done)
+
+    def save(self, epochs_done: int) -> str:
+        self.epochs_done.assign(epochs_done)
+        return self._manager.save(checkpoint_number=epochs_done)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training diverged; the checkpoint of the last good epoch is intact."""
+
+
+class CheckpointCallback(keras.callbacks.Callback):
+    """Saves after every epoch whose loss is finite; otherwise stops training without saving.
+
+    After fit() returns, `diverged_at` is the epoch whose loss was not finite (or None).
+    """
+
+    def __init__(self, checkpoint: RunCheckpoint):
+        super().__init__()
+        self.checkpoint = checkpoint
+        self.diverged_at = None
+
+    def on_train_batch_end(self, batch, logs=None):
+        if logs and not math.isfinite(float(logs["loss"])):
+            self.model.stop_training = True
+
+    def on_epoch_end(self, epoch, logs=None):
+        if not math.isfinite(float(logs["loss"])):
+            self.diverged_at = epoch
+            self.model.stop_training = True
+            return
+        self.checkpoint.save(epoch + 1)

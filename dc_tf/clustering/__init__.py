@@ -1,0 +1,23 @@
+"""Clustering of features for DeepCluster: PCA whitening, FAISS k-means, PIC, statistics.
+
+Numpy in, numpy out; no TensorFlow. Every random choice takes an explicit seed.
+"""
+
+from dc_tf.clustering.kmeans import KMeansResult, kmeans, kmeans_reference, split_empty_clusters
+from dc_tf.clustering.pca import PCAWhitening, fit_pca_whitening, l2_normalize
+from dc_tf.clustering.pic import pic
+from dc_tf.clustering.stats import acceptance_probabilities, cluster_sizes, nmi
+
+__all__ = [
+    "KMeansResult",
+    "PCAWhitening",
+    "acceptance_probabilities",
+    "cluster_sizes",
+    "fit_pca_whitening",
+    "kmeans",
+    "kmeans_reference",
+    "l2_normalize",
+    "nmi",
+    "pic",
+    "split_empty_clusters",
+]

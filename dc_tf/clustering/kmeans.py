@@ -1,0 +1,216 @@
+"""k-means with FAISS, as DeepCluster runs it, plus the empty-cluster repair and a numpy reference.
+
+`kmeans` follows the released code: `faiss.Clustering` with 20 iterations, no subsampling
+(`max_points_per_centroid` 10,000,000), an exact L2 index, then the final assignment by nearest
+centroid (PROTOCOLS §2). FAISS repairs empty clusters inside its iterations, but the final
+assignment can still leave some empty; `split_empty_clusters` repairs those with the same rule.
+"""
+
+import dataclasses
+
+import faiss
+import numpy as np
+
+# FAISS's Clustering.seed is a C int.
+_MAX_SEED = 2**31
+
+
+@dataclasses.dataclass(frozen=True)
+class KMeansResult:
+    """The outcome of one k-means run.
+
+    Attributes:
+        labels: int32 [N], cluster of each example, in [0, k); every cluster is non-empty.
+        centroids: float32 [k, d].
+        loss: the last FAISS k-means objective: the sum over examples of the squared L2 distance
+            to the nearest centroid, at the last iteration's assignment step.
+        empty_clusters: clusters that were empty in the final assignment and were repaired by
+            `split_empty_clusters`.
+    """
+
+    labels: np.ndarray
+    centroids: np.ndarray
+    loss: float
+    empty_clusters: int
+
+
+def _squared_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """float64 [n, m] squared L2 distances between the rows of a [n, d] and b [m, d]."""
+    a = a.astype(np.float64)
+    b = b.astype(np.float64)
+    d2 = (a * a).sum(1)[:, None] - 2.0 * (a @ b.T) + (b * b).sum(1)[None, :]
+    # The expansion can round slightly below zero for coincident points.
+    return np.maximum(d2, 0.0)
+
+
+def _flat_l2_index(dim: int, use_gpu: bool) -> faiss.Index:
+    """An exact L2 index, spread over all GPUs when use_gpu."""
+    index = faiss.IndexFlatL2(dim)
+    if use_gpu:
+        index = faiss.index_cpu_to_all_gpus(index)
+    return index
+
+
+def kmeans(x: np.ndarray, num_clusters: int, seed: int, niter: int = 20,
+           max_points_per_centroid: int = 10_000_000, use_gpu: bool | None = None,
+           verbose: bool = False) -> KMeansResult:
+    """Clusters features with FAISS k-means and returns an assignment with no empty cluster.
+
+    Fewer than 39 examples per cluster is allowed: FAISS prints a warning and carries on.
+
+    Args:
+        x: float [N, d] features (converted to C-contiguous float32).
+        num_clusters: k, 1 <= k <= N.
+        seed: FAISS seed, in [0, 2**31); DeepCluster draws a fresh one every epoch. Also seeds
+            the final empty-cluster repair.
+        niter: Lloyd iterations.
+        max_points_per_centroid: FAISS subsamples to k * this many examples; the default never
+            subsamples, as in the paper.
+        use_gpu: None uses every GPU FAISS sees, if any; True requires one; False stays on CPU.
+        verbose: print FAISS's per-iteration log.
+
+    Returns:
+        A KMeansResult.
+    """
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim != 2:
+        raise ValueError(f"k-means expects features of shape [N, d], got {x.shape}")
+    n, dim = x.shape
+    if num_clusters < 1:
+        raise ValueError(f"--num_clusters={num_clusters} must be at least 1")
+    if num_clusters > n:
+        raise ValueError(
+            f"--num_clusters={num_clusters} exceeds the {n} examples; lower --num_clusters "
+            "or add data")
+    if niter < 1:
+        raise ValueError(f"niter={niter} must be at least 1")
+    if not 0 <= seed < _MAX_SEED:
+        raise ValueError(f"seed={seed} must be in [0, 2**31) (FAISS stores it as a C int)")
+    num_gpus = faiss.get_num_gpus()
+    if use_gpu is None:
+        use_gpu = num_gpus > 0
+    elif use_gpu and num_gpus == 0:
+        raise ValueError(
+            "use_gpu=True but FAISS sees no GPU (faiss-cpu, or no visible device); "
+            "pass use_gpu=None to run on the CPU")
+
+    clus = faiss.Clustering(dim, num_clusters)
+    clus.niter = niter
+    clus.seed = int(seed)
+    clus.max_points_per_centroid = int(max_points_per_centroid)
+    clus.verbose = verbose
+    index = _flat_l2_index(dim, use_gpu)
+    clus.train(x, index)
+    centroids = faiss.vector_to_array(clus.centroids).reshape(num_clusters, dim)
+    stats = clus.iteration_stats
+    loss = float(stats.at(stats.size() - 1).obj)
+
+    # Assign with the final centroids explicitly rather than relying on what train() left
+    # in the index.
+    index.reset()
+    index.add(centroids)
+    _, nearest = index.search(x, 1)
+    labels, centroids, empty = split_empty_clusters(
+        x, nearest[:, 0].astype(np.int32), centroids, seed=seed)
+    return KMeansResult(labels=labels, centroids=centroids, loss=loss, empty_clusters=empty)
+
+
+def split_empty_clusters(x: np.ndarray, labels: np.ndarray, centroids: np.ndarray, seed: int,
+                         eps: float = 1 / 1024) -> tuple[np.ndarray, np.ndarray, int]:
+    """Gives every empty cluster half of a split non-empty cluster (FAISS's / the paper's rule).
+
+    For each empty cluster i, a cluster j is drawn with probability proportional to
+    (size_j - 1), so singletons are never split; c_i becomes a copy of c_j and the pair is pushed
+    apart by a symmetric relative perturbation eps, with the sign alternating over dimensions
+    exactly as faiss/Clustering.cpp `split_clusters` does (even dimensions c_i *= 1 + eps,
+    c_j *= 1 - eps; odd dimensions the reverse). j's points then go to the nearer copy. When
+    ties leave one copy empty (a zero centroid, identical points), the half of j's points
+    relatively closest to c_i moves to i, so both copies end non-empty.
+
+    Args:
+        x: float [N, d] the clustered features.
+        labels: int [N] cluster of each example, in [0, k).
+        centroids: float [k, d].
+        seed: seeds the choice of the clusters to split.
+        eps: relative perturbation; FAISS uses 1/1024.
+
+    Returns:
+        labels: int32 [N] with every cluster non-empty.
+        centroids: float32 [k, d], perturbed copies for the split pairs, others unchanged.
+        repaired: number of clusters that were empty.
+    """
+    x = np.asarray(x)
+    labels = np.array(labels, dtype=np.int32)
+    centroids = np.array(centroids, dtype=np.float32)
+    if x.ndim != 2 or centroids.ndim != 2 or centroids.shape[1] != x.shape[1]:
+        raise ValueError(
+            f"x {x.shape} and centroids {centroids.shape} must be [N, d] and [k, d]")
+    n = x.shape[0]
+    k, dim = centroids.shape
+    if labels.shape != (n,):
+        raise ValueError(f"labels has shape {labels.shape}, expected ({n},) to match x")
+    if n and (labels.min() < 0 or labels.max() >= k):
+        raise ValueError(f"labels must lie in [0, {k}), got [{labels.min()}, {labels.max()}]")
+    sizes = np.bincount(labels, minlength=k)
+    empty = np.flatnonzero(sizes == 0)
+    if empty.size and n < k:
+        raise ValueError(
+            f"{k} clusters cannot all be non-empty with {n} examples; lower --num_clusters")
+
+    rng = np.random.default_rng(seed)
+    sign = np.where(np.arange(dim) % 2 == 0, 1.0, -1.0)
+    for ci in empty:
+        weights = np.maximum(sizes - 1, 0).astype(np.float64)
+        cj = rng.choice(k, p=weights / weights.sum())
+        base = centroids[cj].astype(np.float64)
+        centroids[ci] = base * (1 + eps * sign)
+        centroids[cj] = base * (1 - eps * sign)
+        members = np.flatnonzero(labels == cj)
+        d2 = _squared_distances(x[members], centroids[[ci, cj]])
+        margin = d2[:, 0] - d2[:, 1]
+        to_new = margin < 0
+        if to_new.all() or not to_new.any():
+            to_new = np.zeros(members.size, dtype=bool)
+            to_new[np.argsort(margin, kind="stable")[:members.size // 2]] = True
+        labels[members[to_new]] = ci
+        sizes[ci] = np.count_nonzero(to_new)
+        sizes[cj] -= sizes[ci]
+    return labels, centroids, int(empty.size)
+
+
+def kmeans_reference(x: np.ndarray, init_centroids: np.ndarray,
+                     niter: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """Plain numpy Lloyd iterations in float64, the reference the FAISS path is tested against.
+
+    Each iteration assigns every example to its nearest centroid, records the objective, then
+    moves each centroid to the mean of its examples (an empty cluster keeps its centroid; no
+    splitting). The loss is therefore measured the way FAISS measures it.
+
+    Args:
+        x: float [N, d].
+        init_centroids: float [k, d] starting centroids.
+        niter: iterations, at least 1.
+
+    Returns:
+        labels: int32 [N], the last assignment.
+        centroids: float32 [k, d], after the last update.
+        loss: sum of squared distances at the last assignment.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    centroids = np.array(init_centroids, dtype=np.float64)
+    if x.ndim != 2 or centroids.ndim != 2 or centroids.shape[1] != x.shape[1]:
+        raise ValueError(
+            f"x {x.shape} and init_centroids {centroids.shape} must be [N, d] and [k, d]")
+    if niter < 1:
+        raise ValueError(f"niter={niter} must be at least 1")
+    k = centroids.shape[0]
+    for _ in range(niter):
+        d2 = _squared_distances(x, centroids)
+        labels = np.argmin(d2, axis=1)
+        loss = float(d2[np.arange(x.shape[0]), labels].sum())
+        sums = np.zeros_like(centroids)
+        np.add.at(sums, labels, x)
+        counts = np.bincount(labels, minlength=k)
+        filled = counts > 0
+        centroids[filled] = sums[filled] / counts[filled, None]
+    return labels.astype(np.int32), centroids.astype(np.float32), loss

@@ -1,0 +1,136 @@
+"""The resolved configuration of a DeepCluster run: a frozen dataclass and its checks.
+
+No TensorFlow and no absl here: `train_flags.config_from_flags()` builds a `TrainConfig` once in
+`main`, `validate()` rejects bad values before any work starts, and library code only ever reads
+the frozen object. Field names equal flag names.
+"""
+
+import dataclasses
+import json
+
+ARCHS = ("alexnet", "vgg16", "resnet50", "small_vgg")
+CLUSTERINGS = ("kmeans", "pic")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run depends on; the defaults are the paper's (flags/base.cfg)."""
+
+    # Data.
+    dataset: str = "fashion_mnist"
+    data_dir: str = ""
+    max_examples: int = 0
+    # Network and input.
+    arch: str = "alexnet"
+    sobel: bool = True
+    image_size: int = 224
+    resize_size: int = 256
+    mean: tuple = (0.485, 0.456, 0.406)
+    std: tuple = (0.229, 0.224, 0.225)
+    crop_scale: tuple = (0.08, 1.0)
+    crop_ratio: tuple = (0.75, 4.0 / 3.0)
+    # Clustering.
+    num_clusters: int = 10000
+    clustering: str = "kmeans"
+    pca_dim: int = 256
+    pca_sample: int = 50000
+    kmeans_iters: int = 20
+    # Optimisation.
+    epochs: int = 500
+    batch_size: int = 256
+    learning_rate: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 1e-5
+    reassign: int = 1
+    seed: int = 31
+    # Output.
+    model_dir: str = ""
+    # Filled in by train.main() once the dataset is open; not flags.
+    channels: int = 0
+    num_examples: int = 0
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "TrainConfig":
+        fields = json.loads(text)
+        for name in ("mean", "std", "crop_scale", "crop_ratio"):
+            fields[name] = tuple(fields[name])
+        return cls(**fields)
+
+
+class ConfigError(ValueError):
+    """A flag value no run can use; the message names the flag, the value and the fix."""
+
+
+def _fail(flag: str, value, why: str) -> None:
+    raise ConfigError(f"--{flag}={value}: {why}")
+
+
+def validate(cfg: TrainConfig) -> TrainConfig:
+    """Rejects values no run could use, naming the flag and the fix. Returns cfg unchanged."""
+    if cfg.arch not in ARCHS:
+        _fail("arch", cfg.arch, f"unknown architecture; choose one of {', '.join(ARCHS)}")
+    if cfg.clustering not in CLUSTERINGS:
+        _fail("clustering", cfg.clustering, f"choose one of {', '.join(CLUSTERINGS)}")
+    for name in ("epochs", "batch_size", "num_clusters", "reassign", "image_size", "kmeans_iters"):
+        if getattr(cfg, name) < 1:
+            _fail(name, getattr(cfg, name), "must be a positive integer")
+    if cfg.num_clusters < 2:
+        _fail("num_clusters", cfg.num_clusters, "DeepCluster needs at least 2 clusters")
+    for name in ("max_examples", "pca_dim"):
+        if getattr(cfg, name) < 0:
+            _fail(name, getattr(cfg, name), "must be >= 0 (0 means: all / no PCA)")
+    if cfg.pca_dim and cfg.pca_sample < cfg.pca_dim:
+        _fail("pca_sample", cfg.pca_sample, f"PCA needs at least --pca_dim={cfg.pca_dim} samples")
+    if not cfg.learning_rate > 0:
+        _fail("learning_rate", cfg.learning_rate, "must be > 0 (paper: 0.05)")
+    if not 0 <= cfg.momentum < 1:
+        _fail("momentum", cfg.momentum, "must be in [0, 1) (paper: 0.9)")
+    if not cfg.weight_decay >= 0:
+        _fail("weight_decay", cfg.weight_decay, "must be >= 0 (paper: 1e-5)")
+    if cfg.resize_size < cfg.image_size:
+        _fail("resize_size", cfg.resize_size, f"must be >= --image_size={cfg.image_size}")
+    lo, hi = cfg.crop_scale
+    if not 0 < lo <= hi <= 1:
+        _fail("crop_scale", f"{lo},{hi}", "needs 0 < min <= max <= 1 (paper: 0.08,1)")
+    lo, hi = cfg.crop_ratio
+    if not 0 < lo <= hi:
+        _fail("crop_ratio", f"{lo},{hi}", "needs 0 < min <= max (paper: 0.75,1.3333)")
+    if any(s <= 0 for s in cfg.std):
+        _fail("std", ",".join(map(str, cfg.std)), "every standard deviation must be > 0")
+    if len(cfg.mean) != len(cfg.std):
+        _fail("mean", ",".join(map(str, cfg.mean)), f"give as many values as --std ({len(cfg.std)})")
+    if not cfg.model_dir:
+        _fail("model_dir", '""', "name an output folder (re-using it resumes the run)")
+    return cfg
+
+
+def check_against_data(cfg: TrainConfig, feature_dim: int) -> None:
+    """Checks what depends on the opened dataset and the built network, before any work."""
+    n = cfg.num_examples
+    if cfg.num_clusters > n:
+        _fail("num_clusters", cfg.num_clusters, f"exceeds the {n} images of --dataset={cfg.dataset}; "
+                    "lower it (over-clustering, about 10x the number of classes, is the usual advice)")
+    if cfg.pca_dim > feature_dim:
+        _fail("pca_dim", cfg.pca_dim, f"exceeds the {feature_dim}-d clustering feature of "
+                    f"--arch={cfg.arch}; lower it, or 0 for no PCA")
+    if cfg.pca_dim > min(n, cfg.pca_sample):
+        _fail("pca_dim", cfg.pca_dim, f"PCA needs at least as many images as dimensions but only "
+                    f"{min(n, cfg.pca_sample)} are sampled; lower --pca_dim or add data")
+
+
+def check_resumable(saved: TrainConfig, cfg: TrainConfig) -> None:
+    """A model_dir resumes only the run it holds; --epochs may grow, nothing else may change."""
+    diff = [f.name for f in dataclasses.fields(cfg)
+                    if f.name != "epochs" and getattr(saved, f.name) != getattr(cfg, f.name)]
+    if diff:
+        details = "; ".join(f"--{d}: {getattr(saved, d)!r} there, {getattr(cfg, d)!r} now" for d in diff)
+        raise ConfigError(f"--model_dir={cfg.model_dir} holds a run with another configuration "
+                                          f"({details}); use a new --model_dir or the same flags to resume")
+
+
+def with_data(cfg: TrainConfig, channels: int, num_examples: int) -> TrainConfig:
+    return dataclasses.replace(cfg, channels=channels, num_examples=num_examples)
+

@@ -1,0 +1,60 @@
+"""Class-balanced rejection sampling over example indices, before any image is decoded.
+
+Each epoch DeepCluster samples images uniformly over the non-empty clusters of the current
+pseudo-labels. Over a uniform stream of indices, accepting index i with probability
+p[c(i)] = n_min / n_c(i) makes every non-empty cluster equally likely: cluster c is proposed with
+probability n_c / N and accepted with n_min / n_c, so its share is n_min / N for every c. The
+filter runs on batches of indices (cheap vectorised ops), so a skewed clustering costs extra index
+draws, never extra decoding.
+
+The pseudo-labels and acceptance probabilities are variables written by the ReclusterCallback;
+the pipeline is built once and reads their current values.
+"""
+
+import tensorflow as tf
+
+from dc_tf.data.sources import Source
+
+_INDEX_BLOCK = 4096
+
+
+def acceptance(labels: tf.Variable, accept: tf.Variable, indices: tf.Tensor) -> tf.Tensor:
+    """Acceptance probability of each index; examples labelled -1 (unreadable) get 0.
+
+    Args:
+      labels: int32 [N] pseudo-labels variable (-1 = excluded).
+      accept: float32 [k] per-cluster acceptance probability variable.
+      indices: int64 [B].
+    Returns:
+      float32 [B].
+    """
+    label = tf.gather(labels, indices)
+    p = tf.gather(accept, tf.maximum(label, 0))
+    return tf.where(label >= 0, p, tf.zeros_like(p))
+
+
+def accepted_triples(source: Source, labels: tf.Variable, accept: tf.Variable,
+                     seed: int) -> tf.data.Dataset:
+    """An endless stream of accepted (index, payload, label) triples, still undecoded.
+
+    Random-access sources draw indices from a fresh permutation every pass; record sources
+    stream their records in file order and are shuffled after acceptance (in a buffer of
+    encoded records, so rejected records are read but never decoded).
+    """
+    if source.random_access:
+        n = source.num_examples
+        stream = source.triples().shuffle(n, seed=seed, reshuffle_each_iteration=True).repeat()
+    else:
+        stream = source.triples().repeat()
+
+    def keep(step, block):
+        index, payload, label = block
+        u = tf.random.stateless_uniform(tf.shape(index), seed=tf.stack([tf.constant(seed, tf.int64), step]))
+        mask = u < acceptance(labels, accept, index)
+        return tf.boolean_mask(index, mask), tf.boolean_mask(payload, mask), tf.boolean_mask(
+            label, mask)
+
+    out = stream.batch(_INDEX_BLOCK).enumerate().map(keep).unbatch()
+    if not source.random_access:
+        out = out.shuffle(10 * _INDEX_BLOCK, seed=seed)
+    return out

@@ -1,0 +1,142 @@
+"""Image sources: every example has a stable integer index, and images are decoded on demand.
+
+A source yields `(index, payload, label)` triples in index order, where the payload is whatever is
+cheap to carry before decoding (the index itself for random-access sources, the encoded bytes for
+record files), and `decode(index, payload)` turns one into a uint8 [H, W, C] image. The balanced
+sampler filters triples on their index and decodes only the accepted ones. Decoding may fail for
+corrupt files: pipelines drop such elements with `ignore_errors()`, and the feature pass reports
+the indices it never saw.
+
+Sources:
+  ArraySource   uint8 images in memory (Fashion-MNIST); random access.
+  FolderSource  every JPEG/PNG/BMP/GIF below a folder, sorted by path; random access.
+  TFDSSource    a TFDS dataset already prepared in a data dir; sequential record reads.
+"""
+
+import abc
+import dataclasses
+import os
+from typing import Optional
+
+import numpy as np
+import tensorflow as tf
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+
+
+@dataclasses.dataclass
+class Source(abc.ABC):
+    """Base class: a named, indexed collection of images.
+
+    Attributes:
+      name: the --dataset value it was opened from.
+      num_examples: N; indices are 0 .. N-1.
+      channels: C of every decoded image (1 or 3).
+      labels: int64 [N] ground-truth labels for monitoring, -1 where unknown; None when the
+        labels are only learnt while reading (record sources fill them in the feature pass).
+      random_access: whether `decode` can read any index without reading the others.
+    """
+    name: str
+    num_examples: int
+    channels: int
+    labels: Optional[np.ndarray]
+    random_access: bool = True
+
+    def triples(self, order: Optional[np.ndarray] = None) -> tf.data.Dataset:
+        """(index int64, payload, label int64) for every example, in `order` or index order."""
+        indices = np.arange(self.num_examples) if order is None else np.asarray(order)
+        labels = (tf.constant(self.labels, tf.int64) if self.labels is not None
+                  else tf.fill([self.num_examples], tf.constant(-1, tf.int64)))
+        ds = tf.data.Dataset.from_tensor_slices(indices.astype(np.int64))
+        return ds.map(lambda i: (i, i, tf.gather(labels, i)))
+
+    @abc.abstractmethod
+    def decode(self, index: tf.Tensor, payload: tf.Tensor) -> tf.Tensor:
+        """The uint8 [H, W, C] image of one (index, payload) pair; may fail for corrupt files."""
+
+    def describe(self, index: int) -> str:
+        """Where example `index` comes from, for messages and the index map."""
+        return f"{self.name}[{index}]"
+
+
+@dataclasses.dataclass
+class ArraySource(Source):
+    """Images held in memory as uint8 [N, H, W, C]."""
+    images: np.ndarray = None
+
+    def __post_init__(self):
+        self._images = tf.constant(self.images)
+
+    def decode(self, index, payload):
+        del payload
+        return tf.gather(self._images, index)
+
+
+@dataclasses.dataclass
+class FolderSource(Source):
+    """Every image file below `root`; first-level sub-folders are the classes when all files sit
+    in one."""
+    root: str = ""
+    paths: tuple = ()
+
+    def __post_init__(self):
+        self._paths = tf.constant([os.path.join(self.root, p) for p in self.paths])
+
+    def decode(self, index, payload):
+        del payload
+        data = tf.io.read_file(tf.gather(self._paths, index))
+        image = tf.io.decode_image(data, channels=3, expand_animations=False, dtype=tf.uint8)
+        image.set_shape([None, None, 3])
+        return image
+
+    def describe(self, index):
+        return self.paths[index]
+
+
+@dataclasses.dataclass
+class TFDSSource(Source):
+    """A prepared TFDS split read record by record, in the stable order of its files.
+
+    Random access into TFRecord files is not available, so the sampler streams every record's
+    *encoded* bytes each pass and decodes only the accepted ones: the cost of rejection is I/O of
+    the rejected records, never their decoding or augmentation.
+    """
+    builder: object = None
+    split: str = "train"
+    image_key: str = "image"
+    label_key: Optional[str] = "label"
+
+    def triples(self, order=None):
+        if order is not None:
+            raise ValueError(f"{self.name} is read sequentially; it has no random order")
+        import tensorflow_datasets as tfds  # only record sources need TFDS at run time
+        ds = self.builder.as_dataset(split=self.split, shuffle_files=False,
+                                     decoders={self.image_key: tfds.decode.SkipDecoding()})
+        label_key = self.label_key
+
+        def unpack(i, ex):
+            label = tf.cast(ex[label_key], tf.int64) if label_key else tf.constant(-1, tf.int64)
+            return i, ex[self.image_key], label
+        return ds.enumerate().map(unpack)
+
+    def decode(self, index, payload):
+        del index
+        image = tf.io.decode_image(payload, channels=self.channels, expand_animations=False)
+        image.set_shape([None, None, self.channels])
+        return image
+
+
+def load_idx(path: str) -> np.ndarray:
+    """Reads an IDX file (gzipped or not), the format of MNIST and Fashion-MNIST."""
+    import gzip
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    ndim = data[3]
+    if data[:2] != b"\x00\x00" or data[2] != 0x08:
+        raise ValueError(f"{path} is not an unsigned-byte IDX file")
+    shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+    array = np.frombuffer(data, np.uint8, offset=4 + 4 * ndim)
+    if array.size != int(np.prod(shape)):
+        raise ValueError(f"{path} is truncated: header says {shape}, found {array.size} bytes")
+    return array.reshape(shape)

@@ -1,0 +1,45 @@
+"""Image transforms of PROTOCOLS.md §2, on single uint8 [H, W, C] images inside tf.data.
+
+Both return float32 pixels in [0, 255]; mean/std normalisation and Sobel live inside the network,
+so the exported SavedModel applies them too.
+"""
+
+import tensorflow as tf
+
+
+def center_crop(image: tf.Tensor, resize_size: int, image_size: int) -> tf.Tensor:
+    """Feature-pass view: resize the shorter side to `resize_size`, centre-crop `image_size`.
+
+    Args:
+      image: uint8 [H, W, C].
+    Returns:
+      float32 [image_size, image_size, C].
+    """
+    shape = tf.shape(image)
+    h, w = tf.cast(shape[0], tf.float32), tf.cast(shape[1], tf.float32)
+    scale = resize_size / tf.minimum(h, w)
+    new_h = tf.maximum(image_size, tf.cast(tf.round(h * scale), tf.int32))
+    new_w = tf.maximum(image_size, tf.cast(tf.round(w * scale), tf.int32))
+    resized = tf.image.resize(image, [new_h, new_w], antialias=True)
+    top, left = (new_h - image_size) // 2, (new_w - image_size) // 2
+    return resized[top:top + image_size, left:left + image_size]
+
+
+def random_resized_crop(image: tf.Tensor, image_size: int, scale: tuple, ratio: tuple,
+                        flip: bool = True) -> tf.Tensor:
+    """Training view: a crop of random area fraction and aspect ratio, resized, randomly flipped.
+
+    Args:
+      image: uint8 [H, W, C].
+      scale: (min, max) fraction of the image area (paper: 0.08, 1).
+      ratio: (min, max) aspect ratio of the crop (paper: 3/4, 4/3).
+    Returns:
+      float32 [image_size, image_size, C].
+    """
+    begin, size, _ = tf.image.sample_distorted_bounding_box(
+        tf.shape(image), bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
+        min_object_covered=0.0, aspect_ratio_range=ratio, area_range=scale, max_attempts=10,
+        use_image_if_no_bounding_boxes=True)
+    crop = tf.slice(image, begin, size)
+    out = tf.image.resize(crop, [image_size, image_size], antialias=True)
+    return tf.image.random_flip_left_right(out) if flip else out

@@ -1,0 +1,95 @@
+"""Whole-dataset feature extraction for clustering, streamed through PCA-whitening.
+
+The released DeepCluster code keeps an N x 4096 float32 matrix (21 GB on ImageNet). Here the
+first `pca_sample` examples of the (random) reading order are kept at full width to fit the
+PCA-whitening; every later batch is projected as soon as it is computed, so memory is
+O(pca_sample x D + N x pca_dim).
+"""
+
+import dataclasses
+import time
+from typing import Optional
+
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from dc_tf import clustering
+
+
+@dataclasses.dataclass
+class FeaturePass:
+    """Result of one pass over the dataset.
+
+    Attributes:
+      features: float32 [N, d] PCA-whitened, L2-normalised rows in example order (zeros where
+        the example could not be read).
+      present: bool [N], False for examples that failed to decode.
+      labels: int64 [N] ground-truth labels seen on the way (-1 unknown).
+      pca: the whitening fitted in this pass (None when pca_dim = 0).
+      seconds: wall time of the pass.
+    """
+    features: np.ndarray
+    present: np.ndarray
+    labels: np.ndarray
+    pca: Optional[clustering.PCAWhitening]
+    seconds: float
+
+    @property
+    def missing(self) -> np.ndarray:
+        return np.flatnonzero(~self.present)
+
+
+def extract_features(infer, dataset: tf.data.Dataset, num_examples: int, pca_dim: int,
+                     pca_sample: int, log_every_s: float = 30.0) -> FeaturePass:
+    """Runs `infer` over every batch and returns whitened, L2-normalised features by index.
+
+    Args:
+      infer: callable float32 [B, S, S, C] -> float32 [B, D] (the network in inference mode).
+      dataset: batches of (images, indices, labels), e.g. `pipelines.feature_dataset`.
+      num_examples: N.
+      pca_dim: whitened dimension d (0 = keep D, no PCA).
+      pca_sample: number of leading examples of the stream the PCA is fitted on.
+    """
+    start = time.time()
+    labels = np.full(num_examples, -1, np.int64)
+    present = np.zeros(num_examples, bool)
+    out, pca = None, None
+    pending_x, pending_i = [], []  # full-width rows kept until the PCA is fitted
+    seen, last_log = 0, start
+
+    def store(x, idx):
+        nonlocal out
+        x = clustering.l2_normalize(pca.apply(x) if pca is not None else x)
+        if out is None:
+            out = np.zeros((num_examples, x.shape[1]), np.float32)
+        out[idx] = x
+
+    def fit_pending():
+        nonlocal pca
+        x, idx = np.concatenate(pending_x), np.concatenate(pending_i)
+        pending_x.clear(), pending_i.clear()
+        pca = clustering.fit_pca_whitening(x, pca_dim)
+        store(x, idx)
+
+    collecting = pca_dim > 0
+    for images, idx, lab in dataset:
+        x, idx = infer(images).numpy(), idx.numpy()
+        labels[idx], present[idx] = lab.numpy(), True
+        seen += len(idx)
+        if collecting:
+            pending_x.append(x), pending_i.append(idx)
+            if seen >= min(pca_sample, num_examples):
+                fit_pending()
+                collecting = False
+        else:
+            store(x, idx)
+        if time.time() - last_log > log_every_s:
+            last_log = time.time()
+            logging.info("features: %d/%d images (%.0f images/s)", seen, num_examples,
+                         seen / (last_log - start))
+    if pending_x:
+        fit_pending()
+    if out is None:
+        raise RuntimeError("the feature pass read no image at all: every example failed to decode")
+    return FeaturePass(out, present, labels, pca, time.time() - start)

@@ -1,0 +1,73 @@
+"""DeepCluster backbones: a functional Keras model per architecture, returning named endpoints.
+
+Every backbone takes float32 [B, S, S, C] raw pixels in [0, 255], normalises them inside the
+model (layer "normalize"), optionally applies the frozen Sobel filter (layer "sobel"), and
+returns a dict of endpoint tensors; `cluster_endpoint` names the feature k-means clusters and
+`head_endpoint` the one the DeepCluster top layer Dense(k) sits on.
+"""
+
+from __future__ import annotations
+
+import keras
+
+from dc_tf.config import ARCHS
+from dc_tf.models import alexnet, resnet50, small_vgg, vgg16
+from dc_tf.models.layers import NormalizePixels, Sobel
+
+_MODULES = {"alexnet": (alexnet, alexnet.build_alexnet),
+            "vgg16": (vgg16, vgg16.build_vgg16),
+            "resnet50": (resnet50, resnet50.build_resnet50),
+            "small_vgg": (small_vgg, small_vgg.build_small_vgg)}
+
+__all__ = ["ARCHS", "NormalizePixels", "Sobel", "build_backbone", "cluster_endpoint",
+           "head_endpoint"]
+
+
+def _check_arch(arch: str) -> None:
+    if arch not in ARCHS:
+        raise ValueError(f"--arch={arch!r} is unknown; choose one of {', '.join(ARCHS)}")
+
+
+def build_backbone(arch: str, image_size: int, channels: int, sobel: bool,
+                   mean: tuple[float, ...], std: tuple[float, ...],
+                   seed: int | None = None) -> keras.Model:
+    """Builds the backbone `arch` as a functional model named `arch`.
+
+    Args:
+        arch: one of ARCHS.
+        image_size: input height = width in pixels.
+        channels: input channels (3 for RGB, 1 for grayscale).
+        sobel: put the frozen Sobel front-end (2 output channels) after normalisation.
+        mean, std: per-channel statistics on the [0, 1] scale, length `channels` or 1.
+        seed: seeds every initializer and dropout layer; same seed -> identical weights.
+            None draws fresh random weights.
+
+    Returns:
+        keras.Model: float32 [B, image_size, image_size, channels] -> dict of endpoints
+        (see each module's build function for names and shapes).
+    """
+    _check_arch(arch)
+    module, build = _MODULES[arch]
+    if image_size < module.MIN_IMAGE_SIZE:
+        raise ValueError(f"--image_size={image_size} is too small for --arch={arch}; "
+                         f"use at least {module.MIN_IMAGE_SIZE}")
+    if channels < 1:
+        raise ValueError(f"channels={channels} must be at least 1")
+    for flag, values in (("--mean", mean), ("--std", std)):
+        if len(values) not in (1, channels):
+            raise ValueError(f"{flag} has {len(values)} values for {channels}-channel images; "
+                             f"give 1 value or {channels}")
+    inputs = keras.Input((image_size, image_size, channels), dtype="float32", name="image")
+    return build(inputs, tuple(mean), tuple(std), sobel, seed)
+
+
+def cluster_endpoint(arch: str) -> str:
+    """Name of the endpoint that is PCA-reduced and clustered each epoch."""
+    _check_arch(arch)
+    return "pool" if arch == "resnet50" else "fc7_pre_relu"
+
+
+def head_endpoint(arch: str) -> str:
+    """Name of the endpoint the DeepCluster top layer Dense(k) is applied to."""
+    _check_arch(arch)
+    return "pool" if arch == "resnet50" else "fc7"

@@ -1,0 +1,79 @@
+"""RunLogger: one `metrics.jsonl` line and a set of TensorBoard summaries per epoch."""
+
+import json
+import math
+import os
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from dc_tf.recluster import ReclusterCallback
+
+
+def truncate_metrics(path: str, before_epoch: int) -> None:
+    """Drops lines of epochs >= before_epoch (written by a run killed before its checkpoint)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        rows = [line for line in f if line.strip()]
+    keep = [line for line in rows if json.loads(line)["epoch"] < before_epoch]
+    if len(keep) != len(rows):
+        with open(path + ".tmp", "w") as f:
+            f.writelines(keep)
+        os.replace(path + ".tmp", path)
+
+
+def _finite_or_none(value):
+    return None if value is None or not math.isfinite(value) else value
+
+
+class RunLogger(keras.callbacks.Callback):
+    """Writes the epoch's training and clustering figures to metrics.jsonl and TensorBoard.
+
+    Args:
+      model_dir: the run folder (metrics.jsonl, logs/).
+      recluster: the ReclusterCallback whose `stats` describe the epoch's clustering.
+      batch_size, steps_per_epoch: to count training images.
+      learning_rate: the constant learning rate, logged for TensorBoard.
+    """
+
+    def __init__(self, model_dir: str, recluster: ReclusterCallback, batch_size: int,
+                 steps_per_epoch: int, learning_rate: float):
+        super().__init__()
+        self.path = os.path.join(model_dir, "metrics.jsonl")
+        self.writer = tf.summary.create_file_writer(os.path.join(model_dir, "logs"))
+        self.recluster = recluster
+        self.images = batch_size * steps_per_epoch
+        self.learning_rate = learning_rate
+        self._train_start = 0.0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        # Runs after the ReclusterCallback (listed first), so this times training alone.
+        self._train_start = time.time()
+
+    def on_epoch_end(self, epoch, logs=None):
+        if not math.isfinite(logs["loss"]):
+            return  # the CheckpointCallback stops the run; nothing of this epoch is kept
+        seconds = time.time() - self._train_start
+        stats = dict(self.recluster.stats)
+        sizes = stats.pop("cluster_sizes", None)
+        row = {"epoch": epoch, "loss": float(logs["loss"]), "accuracy": float(logs["accuracy"]),
+               **stats, "kmeans_loss": _finite_or_none(stats["kmeans_loss"]),
+               "skipped_images": int(len(self.recluster.skipped)),
+               "time_train_s": seconds, "train_images_per_s": self.images / seconds,
+               "learning_rate": self.learning_rate}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        with self.writer.as_default(step=epoch):
+            for key, value in row.items():
+                if key != "epoch" and value is not None:
+                    tf.summary.scalar(key, value)
+            if sizes is not None:
+                tf.summary.histogram("cluster_sizes", np.asarray(sizes, np.float32))
+        self.writer.flush()
+        logging.info("epoch %d: %s", epoch, ", ".join(
+            f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()
+            if k != "epoch"))

@@ -1,0 +1,137 @@
+"""ReclusterCallback: the glue between `fit()` and the clustering.
+
+Every `reassign` epochs, before the epoch's first step, it runs the feature pass, clusters the
+features in numpy through one `tf.numpy_function` op, and hands the result to training through
+variables only: the pseudo-labels, the sampler's acceptance probabilities, and a re-initialised
+top layer with a fresh optimizer state.
+"""
+
+import os
+import time
+from typing import Callable, Optional
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from dc_tf import clustering
+from dc_tf.features import FeaturePass, extract_features
+
+
+def assignment_path(model_dir: str, epoch: int) -> str:
+    return os.path.join(model_dir, "assignments", f"epoch_{epoch:04d}.npy")
+
+
+def save_array(path: str, array: np.ndarray) -> None:
+    """np.save through a temporary file, so a killed run never leaves half an array."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp.npy"
+    np.save(tmp, array)
+    os.replace(tmp, path)
+
+
+class Clusterer:
+    """numpy in, numpy out: features -> (pseudo-labels, acceptance, k-means loss, empty clusters).
+
+    Args:
+      method: "kmeans" or "pic".
+      num_clusters: k (for PIC, the most clusters the top layer can hold).
+      kmeans_iters: k-means iterations.
+      seed: base seed; reclustering t uses seed + t, so every epoch has a fresh k-means init.
+    """
+
+    def __init__(self, method: str, num_clusters: int, kmeans_iters: int, seed: int):
+        self.method, self.k, self.iters, self.seed = method, num_clusters, kmeans_iters, seed
+
+    def __call__(self, features: np.ndarray, present: np.ndarray, epoch: np.ndarray):
+        x = features[present]
+        if self.method == "kmeans":
+            result = clustering.kmeans(x, self.k, seed=int(self.seed + epoch), niter=self.iters)
+            found, loss, empty = result.labels, result.loss, result.empty_clusters
+        else:
+            found = clustering.pic(x, max_clusters=self.k)
+            loss, empty = float("nan"), self.k - int(found.max()) - 1
+        labels = np.full(len(features), -1, np.int32)
+        labels[present] = found
+        accept = clustering.acceptance_probabilities(labels, self.k)
+        return labels, accept.astype(np.float32), np.float32(loss), np.int32(empty)
+
+
+class ReclusterCallback(keras.callbacks.Callback):
+    """Reclusters at the start of every `reassign`-th epoch and saves each epoch's assignment.
+
+    Args:
+      infer: float32 images -> float32 [B, D] clustering features (network in inference mode).
+      feature_data: callable returning the feature-pass dataset (batches of images, indices,
+        labels); called at each reclustering.
+      clusterer: the numpy clustering.
+      num_examples, pca_dim, pca_sample: as in `extract_features`.
+      model_dir: where `assignments/epoch_NNNN.npy` go.
+      reassign: epochs between reclusterings.
+    After `on_epoch_begin`, `stats` holds the epoch's clustering figures for the run logger.
+    """
+
+    def __init__(self, infer: Callable, feature_data: Callable[[], tf.data.Dataset],
+                 clusterer: Clusterer, num_examples: int, pca_dim: int, pca_sample: int,
+                 model_dir: str, reassign: int):
+        super().__init__()
+        self.infer, self.feature_data, self.clusterer = infer, feature_data, clusterer
+        self.num_examples, self.pca_dim, self.pca_sample = num_examples, pca_dim, pca_sample
+        self.model_dir, self.reassign = model_dir, reassign
+        self.labels: Optional[np.ndarray] = None  # ground truth, learnt in the feature pass
+        self.previous: Optional[np.ndarray] = None
+        self.stats: dict = {}
+        self.skipped: np.ndarray = np.zeros(0, np.int64)
+
+    def resume(self, epoch: int) -> None:
+        """Picks up the assignment the run had before `epoch` (for nmi_prev after a restart)."""
+        path = assignment_path(self.model_dir, epoch - 1)
+        if epoch > 0 and os.path.exists(path):
+            self.previous = np.load(path)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.stats = {"kmeans_loss": None, "nmi_prev": None, "nmi_labels": None,
+                      "empty_clusters": None, "time_features_s": 0.0, "time_cluster_s": 0.0}
+        if epoch % self.reassign == 0 or self.previous is None:
+            self._recluster(epoch)
+        assignment = self.model.pseudo_labels.numpy()
+        save_array(assignment_path(self.model_dir, epoch), assignment)
+        self.previous = assignment
+
+    def _recluster(self, epoch: int) -> None:
+        logging.info("epoch %d: feature pass over %d images", epoch, self.num_examples)
+        fp: FeaturePass = extract_features(self.infer, self.feature_data(), self.num_examples,
+                                           self.pca_dim, self.pca_sample)
+        if len(fp.missing):
+            self.skipped = fp.missing
+        self.labels = fp.labels if (fp.labels >= 0).any() else None
+        logging.info("epoch %d: %s of %d x %d features into k=%d", epoch,
+                     self.clusterer.method, int(fp.present.sum()), fp.features.shape[1],
+                     self.clusterer.k)
+        start = time.time()
+        loss, empty = self._assign(fp.features, fp.present, epoch)
+        self.model.reset_head()
+        labels = self.model.pseudo_labels.numpy()
+        self.stats.update(
+            kmeans_loss=float(loss), empty_clusters=int(empty),
+            nmi_prev=(clustering.nmi(labels, self.previous)
+                      if self.previous is not None else None),
+            nmi_labels=(clustering.nmi(labels, self.labels) if self.labels is not None else None),
+            time_features_s=fp.seconds, time_cluster_s=time.time() - start,
+            cluster_sizes=clustering.cluster_sizes(labels, self.clusterer.k))
+        logging.info("epoch %d: clustered in %.1fs, loss %.4f, %d empty clusters, nmi_prev %s, "
+                     "nmi_labels %s", epoch, self.stats["time_cluster_s"], loss, empty,
+                     self.stats["nmi_prev"], self.stats["nmi_labels"])
+
+    @tf.function
+    def _assign(self, features, present, epoch):
+        # The one TF <-> numpy crossing of a reclustering.
+        labels, accept, loss, empty = tf.numpy_function(
+            self.clusterer, [features, present, epoch],
+            [tf.int32, tf.float32, tf.float32, tf.int32], stateful=True)
+        labels.set_shape(self.model.pseudo_labels.shape)
+        accept.set_shape(self.model.accept.shape)
+        self.model.pseudo_labels.assign(labels)
+        self.model.accept.assign(accept)
+        return loss, empty

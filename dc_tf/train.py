@@ -1,0 +1,132 @@
+r"""DeepCluster training: data -> model -> callbacks -> fit -> export.
+
+    python -m dc_tf.train --flagfile=flags/fashion_mnist.cfg --model_dir=runs/fmnist
+    python -m dc_tf.train --flagfile=flags/alexnet.cfg --data_dir=/data/tfds --model_dir=runs/alexnet
+
+Re-running a command with the same --model_dir resumes from its last checkpoint. Watch a run with
+`tensorboard --logdir=MODEL_DIR/logs`.
+"""
+
+import math
+import os
+import sys
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import app, flags, logging
+
+from dc_tf import config, data, models, train_flags
+from dc_tf.checkpoint import CheckpointCallback, NonFiniteLossError, RunCheckpoint
+from dc_tf.data import pipelines
+from dc_tf.export import export_saved_model
+from dc_tf.model import DeepClusterModel
+from dc_tf.monitor import RunLogger, truncate_metrics
+from dc_tf.recluster import Clusterer, ReclusterCallback
+
+
+def run(cfg: config.TrainConfig) -> config.TrainConfig:
+    """Trains DeepCluster as configured and exports the backbone to MODEL_DIR/export.
+
+    Returns:
+      The resolved configuration (with the dataset's channels and size), as in config.json.
+    """
+    # ---------------------------------------------------------------- data and checks
+    source = data.open_source(cfg.dataset, cfg.data_dir, cfg.max_examples)
+    cfg = config.with_data(cfg, source.channels, source.num_examples)
+    keras.utils.set_random_seed(cfg.seed)
+    try:
+        backbone = models.build_backbone(cfg.arch, cfg.image_size, cfg.channels, cfg.sobel,
+                                         cfg.mean, cfg.std, seed=cfg.seed)
+    except ValueError as e:  # an --image_size too small for --arch, a --mean of the wrong length
+        raise config.ConfigError(str(e)) from e
+    cluster_endpoint = models.cluster_endpoint(cfg.arch)
+    config.check_against_data(cfg, backbone.output[cluster_endpoint].shape[-1])
+
+    # ---------------------------------------------------------------- model_dir
+    model_dir = cfg.model_dir
+    os.makedirs(model_dir, exist_ok=True)
+    config_path = os.path.join(model_dir, "config.json")
+    if os.path.exists(config_path):
+        with open(config_path) as f:
+            config.check_resumable(config.TrainConfig.from_json(f.read()), cfg)
+    with open(config_path, "w") as f:
+        f.write(cfg.to_json())
+    logging.info("configuration:\n%s", cfg.to_json())
+    logging.info("dataset %s: %d images, %d channel(s)", source.name, source.num_examples,
+                 source.channels)
+
+    # ---------------------------------------------------------------- model and state
+    model = DeepClusterModel(backbone, models.head_endpoint(cfg.arch), cfg.num_examples,
+                             cfg.num_clusters, cfg.weight_decay, seed=cfg.seed)
+    model.compile(
+        backbone_optimizer=keras.optimizers.SGD(cfg.learning_rate, momentum=cfg.momentum),
+        head_optimizer=keras.optimizers.SGD(cfg.learning_rate))
+    checkpoint = RunCheckpoint(model, os.path.join(model_dir, "checkpoints"))
+    initial_epoch = checkpoint.restore()
+    truncate_metrics(os.path.join(model_dir, "metrics.jsonl"), initial_epoch)
+
+    # ---------------------------------------------------------------- pipelines and callbacks
+    steps_per_epoch = math.ceil(cfg.reassign * cfg.num_examples / cfg.batch_size)
+    train_data = pipelines.training_dataset(
+        source, model.pseudo_labels, model.accept, cfg.image_size, cfg.crop_scale,
+        cfg.crop_ratio, cfg.batch_size, seed=cfg.seed + initial_epoch)
+
+    @tf.function
+    def infer(images):
+        return backbone(images, training=False)[cluster_endpoint]
+
+    rng = np.random.default_rng(cfg.seed)
+    order = rng.permutation(cfg.num_examples) if source.random_access else None
+    recluster = ReclusterCallback(
+        infer, lambda: pipelines.feature_dataset(source, cfg.resize_size, cfg.image_size,
+                                                 cfg.batch_size, order),
+        Clusterer(cfg.clustering, cfg.num_clusters, cfg.kmeans_iters, cfg.seed),
+        cfg.num_examples, cfg.pca_dim, cfg.pca_sample, model_dir, cfg.reassign)
+    recluster.resume(initial_epoch)
+    saver = CheckpointCallback(checkpoint)
+    callbacks = [recluster,
+                 RunLogger(model_dir, recluster, cfg.batch_size, steps_per_epoch,
+                           cfg.learning_rate),
+                 saver]
+
+    # ---------------------------------------------------------------- train
+    if initial_epoch < cfg.epochs:
+        logging.info("training epochs %d..%d, %d steps of %d images each", initial_epoch,
+                     cfg.epochs - 1, steps_per_epoch, cfg.batch_size)
+        model.fit(train_data, epochs=cfg.epochs, initial_epoch=initial_epoch,
+                  steps_per_epoch=steps_per_epoch, callbacks=callbacks, verbose=2)
+    if saver.diverged_at is not None:
+        raise NonFiniteLossError(
+            f"the loss became non-finite in epoch {saver.diverged_at}; the checkpoint of the last "
+            f"good epoch is intact in {model_dir}/checkpoints. Lower --learning_rate "
+            f"(now {cfg.learning_rate}) and re-run with a new --model_dir, or resume as is.")
+    if len(recluster.skipped):
+        logging.warning("%d unreadable images were skipped, e.g. %s", len(recluster.skipped),
+                        ", ".join(source.describe(int(i)) for i in recluster.skipped[:5]))
+
+    # ---------------------------------------------------------------- export
+    path = export_saved_model(backbone, os.path.join(model_dir, "export"), cfg.image_size,
+                              cfg.channels)
+    logging.info("exported the backbone to %s", path)
+    return cfg
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    try:
+        cfg = config.validate(train_flags.config_from_flags())
+        run(cfg)
+    except (config.ConfigError, data.DatasetNotFoundError, NonFiniteLossError) as e:
+        logging.error("%s", e)
+        sys.exit(f"error: {e}")
+
+
+def entry_point():
+    """The `dc-tf-train` console script."""
+    app.run(main)
+
+
+if __name__ == "__main__":
+    entry_point()

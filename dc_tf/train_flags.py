@@ -1,0 +1,70 @@
+"""The command-line flags of `python -m dc_tf.train`: the only module that defines or reads FLAGS.
+
+Flag names equal `TrainConfig` field names. Flagfiles (`--flagfile=flags/alexnet.cfg`) may include
+other flagfiles; the last value given wins, so flags after the flagfile override it.
+"""
+
+from absl import flags
+
+from dc_tf import config
+
+_D = config.TrainConfig()
+
+
+def _pair(values) -> str:
+    return ",".join(str(v) for v in values)
+
+
+flags.DEFINE_string("dataset", _D.dataset,
+                    "fashion_mnist[:SPLIT], tfds:NAME[:SPLIT] (prepared in --data_dir) or "
+                    "folder:PATH (every image below PATH; class sub-folders become monitoring labels).")
+flags.DEFINE_string("data_dir", _D.data_dir,
+                    "Where the data lives: Fashion-MNIST IDX files, or a TFDS data dir.")
+flags.DEFINE_integer("max_examples", _D.max_examples, "Use only the first N examples (0 = all).")
+flags.DEFINE_string("arch", _D.arch, f"Backbone: {', '.join(config.ARCHS)}.")
+flags.DEFINE_bool("sobel", _D.sobel, "Grayscale + fixed Sobel filters in front of the network.")
+flags.DEFINE_integer("image_size", _D.image_size, "Training and feature crop size in pixels.")
+flags.DEFINE_integer("resize_size", _D.resize_size,
+                     "Feature pass: resize the shorter side to this, then centre-crop --image_size.")
+flags.DEFINE_list("mean", _pair(_D.mean), "Per-channel mean of pixels in [0, 1].")
+flags.DEFINE_list("std", _pair(_D.std), "Per-channel standard deviation of pixels in [0, 1].")
+flags.DEFINE_list("crop_scale", _pair(_D.crop_scale), "Random resized crop: area fraction min,max.")
+flags.DEFINE_list("crop_ratio", _pair(_D.crop_ratio), "Random resized crop: aspect ratio min,max.")
+flags.DEFINE_integer("num_clusters", _D.num_clusters, "k, the number of clusters (paper: 10000).")
+flags.DEFINE_string("clustering", _D.clustering, "kmeans or pic.")
+flags.DEFINE_integer("pca_dim", _D.pca_dim, "PCA-whitening dimension before clustering (0 = no PCA).")
+flags.DEFINE_integer("pca_sample", _D.pca_sample, "Number of images the PCA is fitted on.")
+flags.DEFINE_integer("kmeans_iters", _D.kmeans_iters, "k-means iterations (paper: 20).")
+flags.DEFINE_integer("epochs", _D.epochs, "Number of epochs (paper: 500).")
+flags.DEFINE_integer("batch_size", _D.batch_size, "Batch size (paper: 256).")
+flags.DEFINE_float("learning_rate", _D.learning_rate, "Constant SGD learning rate (paper: 0.05).")
+flags.DEFINE_float("momentum", _D.momentum, "SGD momentum of the backbone (paper: 0.9).")
+flags.DEFINE_float("weight_decay", _D.weight_decay, "Coupled L2 coefficient (paper: 1e-5).")
+flags.DEFINE_integer("reassign", _D.reassign, "Epochs between two reclusterings (paper: 1).")
+flags.DEFINE_integer("seed", _D.seed, "One seed for everything (paper: 31).")
+flags.DEFINE_string("model_dir", _D.model_dir, "Output folder; re-running with it resumes.")
+
+
+def _floats(flag: str, values, length=None) -> tuple:
+    try:
+        out = tuple(float(v) for v in values)
+    except ValueError:
+        raise config.ConfigError(f"--{flag}={','.join(values)}: give comma-separated numbers") from None
+    if length is not None and len(out) != length:
+        raise config.ConfigError(f"--{flag}={','.join(values)}: give {length} comma-separated numbers")
+    return out
+
+
+def config_from_flags() -> config.TrainConfig:
+    """Builds the frozen config from the parsed FLAGS (call from main only)."""
+    f = flags.FLAGS
+    return config.TrainConfig(
+        dataset=f.dataset, data_dir=f.data_dir, max_examples=f.max_examples, arch=f.arch,
+        sobel=f.sobel, image_size=f.image_size, resize_size=f.resize_size,
+        mean=_floats("mean", f.mean), std=_floats("std", f.std),
+        crop_scale=_floats("crop_scale", f.crop_scale, 2),
+        crop_ratio=_floats("crop_ratio", f.crop_ratio, 2),
+        num_clusters=f.num_clusters, clustering=f.clustering, pca_dim=f.pca_dim,
+        pca_sample=f.pca_sample, kmeans_iters=f.kmeans_iters, epochs=f.epochs,
+        batch_size=f.batch_size, learning_rate=f.learning_rate, momentum=f.momentum,
+        weight_decay=f.weight_decay, reassign=f.reassign, seed=f.seed, model_dir=f.model_dir)

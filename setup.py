@@ -1,0 +1,30 @@
+"""dc_tf: DeepCluster (Caron et al., ECCV 2018) in TensorFlow 2 / Keras 3."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="dc_tf",
+    version="0.1.0",
+    description="DeepCluster: unsupervised visual features by clustering, in TensorFlow 2 / Keras 3",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["dc_tf", "dc_tf.*", "eval", "eval.*", "pipelines",
+                                    "pipelines.*"]),
+    install_requires=[
+        "tensorflow>=2.16,<3",  # 2.16 is the first release on Keras 3
+        "keras>=3.3,<4",
+        "tensorflow-datasets>=4.9",
+        "faiss-cpu>=1.7.4",
+        "numpy>=1.26",
+        "absl-py>=2.0",
+        "tensorboard>=2.16",
+        "scikit-learn>=1.3",
+        "scipy>=1.11",
+    ],
+    extras_require={
+        "gpu": ["faiss-gpu-cu12>=1.8", "tensorflow[and-cuda]>=2.16,<3"],
+        "dev": ["pytest>=7", "pillow>=10"],
+    },
+    entry_points={"console_scripts": ["dc-tf-train=dc_tf.train:entry_point"]},
+)

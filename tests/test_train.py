@@ -1,0 +1,113 @@
+"""End to end: a real fit() with the real ReclusterCallback, the model_dir layout, the export
+reloaded in a process that never imports dc_tf, and resuming a killed run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, config_from_flagfile
+
+METRIC_FIELDS = {"epoch", "loss", "kmeans_loss", "nmi_prev", "nmi_labels", "empty_clusters",
+                 "time_features_s", "time_cluster_s", "time_train_s", "train_images_per_s"}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    from dc_tf import train
+    model_dir = tmp_path_factory.mktemp("smoke") / "run"
+    return train.run(config_from_flagfile("smoke.cfg", f"--model_dir={model_dir}"))
+
+
+def _metrics(model_dir):
+    with open(os.path.join(model_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def test_fit_two_epochs_writes_the_model_dir_layout(trained):
+    d = trained.model_dir
+    for name in ("metrics.jsonl", "assignments", "logs", "checkpoints", "export", "config.json"):
+        assert os.path.exists(os.path.join(d, name)), name
+    rows = _metrics(d)
+    assert [r["epoch"] for r in rows] == [0, 1]
+    for r in rows:
+        assert METRIC_FIELDS <= set(r), METRIC_FIELDS - set(r)
+        assert np.isfinite(r["loss"]) and r["train_images_per_s"] > 0
+        assert 0 <= r["nmi_labels"] <= 1  # Fashion-MNIST has labels
+    assert rows[0]["nmi_prev"] is None and 0 <= rows[1]["nmi_prev"] <= 1
+    for epoch in (0, 1):
+        labels = np.load(os.path.join(d, "assignments", f"epoch_{epoch:04d}.npy"))
+        assert labels.dtype == np.int32 and labels.shape == (trained.num_examples,)
+        # Every cluster of k-means on 512 images holds images after the empty-cluster repair.
+        assert set(np.unique(labels)) == set(range(trained.num_clusters))
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(d, "logs")))
+    with open(os.path.join(d, "config.json")) as f:
+        assert json.load(f)["num_examples"] == 512
+
+
+def test_export_matches_the_trained_network_in_a_fresh_process(trained, tmp_path):
+    """fc7 of the SavedModel (loaded without dc_tf) equals the restored training network's."""
+    import keras
+    from dc_tf import data, models
+    from dc_tf.checkpoint import RunCheckpoint
+    from dc_tf.model import DeepClusterModel
+
+    cfg = trained
+    backbone = models.build_backbone(cfg.arch, cfg.image_size, cfg.channels, cfg.sobel, cfg.mean,
+                                     cfg.std, seed=123)  # other init: the restore must matter
+    model = DeepClusterModel(backbone, models.head_endpoint(cfg.arch), cfg.num_examples,
+                             cfg.num_clusters, cfg.weight_decay, seed=0)
+    model.compile(keras.optimizers.SGD(0.1, momentum=0.9), keras.optimizers.SGD(0.1))
+    assert RunCheckpoint(model, os.path.join(cfg.model_dir, "checkpoints")).restore() == 2
+    source = data.open_source(cfg.dataset, cfg.data_dir, 16)
+    images = source.images[:16]
+    expected = backbone(images.astype(np.float32), training=False)["fc7"].numpy()
+    np.savez(tmp_path / "io.npz", images=images, fc7=expected)
+    script = f"""
+import sys, numpy as np, tensorflow as tf
+m = tf.saved_model.load({os.path.join(cfg.model_dir, 'export')!r})
+assert not [k for k in sys.modules if k.startswith("dc_tf")], "dc_tf was imported"
+io = np.load({str(tmp_path / 'io.npz')!r})
+out = m.signatures["serving_default"](images=tf.constant(io["images"]))
+assert sorted(out) == ["conv1", "conv2", "conv3", "fc6", "fc7", "fc7_pre_relu"], sorted(out)
+diff = np.abs(out["fc7"].numpy() - io["fc7"]).max()
+print("max abs diff", diff)
+assert diff < 1e-4, diff
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            cwd=str(tmp_path), env={**os.environ, "PYTHONPATH": ""})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "max abs diff" in result.stdout
+
+
+def _train_cmd(model_dir, *args):
+    return [sys.executable, "-m", "dc_tf.train", "--flagfile=flags/smoke.cfg",
+            f"--model_dir={model_dir}", *args]
+
+
+def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
+    model_dir = tmp_path / "run"
+    cmd = _train_cmd(model_dir, "--epochs=3", "--max_examples=1024")
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    index = model_dir / "checkpoints" / "checkpoint"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if index.exists() and '"ckpt-1"' in index.read_text():
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)  # inside epoch 1: its checkpoint is not written yet
+    proc.wait()
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from" in result.stderr
+    assert [r["epoch"] for r in _metrics(model_dir)] == [0, 1, 2]
+    assert len(os.listdir(model_dir / "assignments")) == 3
+    assert (model_dir / "export" / "saved_model.pb").exists()
