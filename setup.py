@@ -15,6 +15,7 @@ setup(
         "tensorflow>=2.16,<3",  # 2.16 is the first release on Keras 3
         "keras>=3.3,<4",
         "tensorflow-datasets>=4.9",
+        "importlib_resources",  # imported by tensorflow-datasets 4.9.10 without declaring it
         "faiss-cpu>=1.7.4",
         "numpy>=1.26",
         "absl-py>=2.0",

@@ -10,6 +10,7 @@ import json
 
 ARCHS = ("alexnet", "vgg16", "resnet50", "small_vgg")
 CLUSTERINGS = ("kmeans", "pic")
+RESUMABLE_CHANGES = ("epochs", "learning_rate")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,9 +123,13 @@ def check_against_data(cfg: TrainConfig, feature_dim: int) -> None:
 
 
 def check_resumable(saved: TrainConfig, cfg: TrainConfig) -> None:
-    """A model_dir resumes only the run it holds; --epochs may grow, nothing else may change."""
-    diff = [f.name for f in dataclasses.fields(cfg)
-                    if f.name != "epochs" and getattr(saved, f.name) != getattr(cfg, f.name)]
+    """A model_dir resumes only the run it holds.
+
+    --epochs may change (to extend a run) and --learning_rate too (to resume a diverged run from
+    its last good checkpoint); anything else would silently mix two experiments.
+    """
+    diff = [f.name for f in dataclasses.fields(cfg) if f.name not in RESUMABLE_CHANGES
+            and getattr(saved, f.name) != getattr(cfg, f.name)]
     if diff:
         details = "; ".join(f"--{d}: {getattr(saved, d)!r} there, {getattr(cfg, d)!r} now" for d in diff)
         raise ConfigError(f"--model_dir={cfg.model_dir} holds a run with another configuration "

@@ -64,6 +64,8 @@ def run(cfg: config.TrainConfig) -> config.TrainConfig:
         head_optimizer=keras.optimizers.SGD(cfg.learning_rate))
     checkpoint = RunCheckpoint(model, os.path.join(model_dir, "checkpoints"))
     initial_epoch = checkpoint.restore()
+    for optimizer in (model.optimizer, model.head_optimizer):  # the flag wins over the checkpoint
+        optimizer.learning_rate = cfg.learning_rate
     truncate_metrics(os.path.join(model_dir, "metrics.jsonl"), initial_epoch)
 
     # ---------------------------------------------------------------- pipelines and callbacks
@@ -99,8 +101,8 @@ def run(cfg: config.TrainConfig) -> config.TrainConfig:
     if saver.diverged_at is not None:
         raise NonFiniteLossError(
             f"the loss became non-finite in epoch {saver.diverged_at}; the checkpoint of the last "
-            f"good epoch is intact in {model_dir}/checkpoints. Lower --learning_rate "
-            f"(now {cfg.learning_rate}) and re-run with a new --model_dir, or resume as is.")
+            f"good epoch is intact in {model_dir}/checkpoints. Lower --learning_rate (now "
+            f"{cfg.learning_rate}) and re-run the same command to resume from it.")
     if len(recluster.skipped):
         logging.warning("%d unreadable images were skipped, e.g. %s", len(recluster.skipped),
                         ", ".join(source.describe(int(i)) for i in recluster.skipped[:5]))

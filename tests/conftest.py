@@ -31,11 +31,11 @@ def write_image(path: str, size=(40, 30), mode="RGB", fmt=None, seed=0) -> str:
     rng = np.random.default_rng(seed)
     w, h = size
     if mode == "I;16":
-        image = Image.fromarray(rng.integers(0, 65535, (h, w), dtype=np.uint16), mode)
+        array = rng.integers(0, 65535, (h, w), dtype=np.uint16).astype("<u2")
     else:
         bands = {"L": 1, "RGB": 3, "RGBA": 4, "CMYK": 4}[mode]
         array = rng.integers(0, 255, (h, w, bands), dtype=np.uint8)
-        image = Image.fromarray(array[..., 0] if bands == 1 else array, mode)
+    image = Image.frombytes(mode, (w, h), array.tobytes())
     os.makedirs(os.path.dirname(path), exist_ok=True)
     image.save(path, format=fmt)
     return path

@@ -41,12 +41,11 @@ def training_dataset(source: Source, labels: tf.Variable, accept: tf.Variable, i
     Yields:
       float32 [B, S, S, C] pixels in [0, 255], int32 [B] example indices.
     """
-    def load(index, payload, label):
-        del label
+    def load(index, payload):
         image = source.decode(index, payload)
         view = transforms.random_resized_crop(image, image_size, crop_scale, crop_ratio)
         return view, tf.cast(index, tf.int32)
 
-    ds = sampler.accepted_triples(source, labels, accept, seed)
+    ds = sampler.accepted_pairs(source, labels, accept, seed)
     ds = ds.map(load, num_parallel_calls=AUTOTUNE).ignore_errors()
     return ds.batch(batch_size, drop_remainder=True).prefetch(AUTOTUNE)

@@ -33,28 +33,36 @@ def acceptance(labels: tf.Variable, accept: tf.Variable, indices: tf.Tensor) -> 
     return tf.where(label >= 0, p, tf.zeros_like(p))
 
 
-def accepted_triples(source: Source, labels: tf.Variable, accept: tf.Variable,
-                     seed: int) -> tf.data.Dataset:
-    """An endless stream of accepted (index, payload, label) triples, still undecoded.
+def accepted_pairs(source: Source, labels: tf.Variable, accept: tf.Variable,
+                   seed: int) -> tf.data.Dataset:
+    """An endless stream of accepted (index, payload) pairs, still undecoded.
 
-    Random-access sources draw indices from a fresh permutation every pass; record sources
-    stream their records in file order and are shuffled after acceptance (in a buffer of
-    encoded records, so rejected records are read but never decoded).
+    Random-access sources propose blocks of indices drawn uniformly with replacement, so even a
+    very skewed clustering (acceptance rate n_min * k / N) costs only cheap vectorised draws.
+    Record sources propose their records in file order and are shuffled after acceptance, in a
+    buffer of encoded records: rejected records are read but never decoded.
     """
+    def uniform(shape, step, salt, **kwargs):
+        return tf.random.stateless_uniform(shape, seed=tf.stack([seed, 2 * step + salt]),
+                                           **kwargs)
+
     if source.random_access:
         n = source.num_examples
-        stream = source.triples().shuffle(n, seed=seed, reshuffle_each_iteration=True).repeat()
+
+        def propose(step):
+            index = uniform([_INDEX_BLOCK], step, 0, minval=0, maxval=n, dtype=tf.int64)
+            return step, index, index
+        blocks = tf.data.Dataset.counter().map(propose)
     else:
-        stream = source.triples().repeat()
+        pairs = source.triples().map(lambda index, payload, label: (index, payload))
+        blocks = pairs.repeat().batch(_INDEX_BLOCK).enumerate().map(
+            lambda step, block: (step, *block))
 
-    def keep(step, block):
-        index, payload, label = block
-        u = tf.random.stateless_uniform(tf.shape(index), seed=tf.stack([tf.constant(seed, tf.int64), step]))
-        mask = u < acceptance(labels, accept, index)
-        return tf.boolean_mask(index, mask), tf.boolean_mask(payload, mask), tf.boolean_mask(
-            label, mask)
+    def keep(step, index, payload):
+        mask = uniform(tf.shape(index), step, 1) < acceptance(labels, accept, index)
+        return tf.boolean_mask(index, mask), tf.boolean_mask(payload, mask)
 
-    out = stream.batch(_INDEX_BLOCK).enumerate().map(keep).unbatch()
+    out = blocks.map(keep).unbatch()
     if not source.random_access:
         out = out.shuffle(10 * _INDEX_BLOCK, seed=seed)
     return out
