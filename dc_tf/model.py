@@ -82,5 +82,7 @@ class DeepClusterModel(keras.Model):
         self.head.kernel.assign(keras.random.normal(self.head.kernel.shape, stddev=0.01,
                                                     seed=self._head_seed))
         self.head.bias.assign(tf.zeros_like(self.head.bias))
+        learning_rate = self.head_optimizer.learning_rate  # a variable of the optimizer too
         for v in self.head_optimizer.variables:
-            v.assign(tf.zeros_like(v))
+            if v is not learning_rate:
+                v.assign(tf.zeros_like(v))

@@ -41,8 +41,10 @@ class RunLogger(keras.callbacks.Callback):
     """
 
     def __init__(self, model_dir: str, recluster: ReclusterCallback, batch_size: int,
-                 steps_per_epoch: int, learning_rate: float):
+                 steps_per_epoch: int, learning_rate: float, log_every_s: float = 60.0):
         super().__init__()
+        self.batch_size, self.steps_per_epoch = batch_size, steps_per_epoch
+        self.log_every_s, self._last_log, self._epoch = log_every_s, 0.0, 0
         self.path = os.path.join(model_dir, "metrics.jsonl")
         self.writer = tf.summary.create_file_writer(os.path.join(model_dir, "logs"))
         self.recluster = recluster
@@ -52,7 +54,16 @@ class RunLogger(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch, logs=None):
         # Runs after the ReclusterCallback (listed first), so this times training alone.
-        self._train_start = time.time()
+        self._train_start = self._last_log = time.time()
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        now = time.time()
+        if now - self._last_log > self.log_every_s:
+            self._last_log = now
+            logging.info("epoch %d: step %d/%d, loss %.4f, %.0f images/s", self._epoch, batch + 1,
+                         self.steps_per_epoch, float(logs["loss"]),
+                         (batch + 1) * self.batch_size / (now - self._train_start))
 
     def on_epoch_end(self, epoch, logs=None):
         if not math.isfinite(logs["loss"]):

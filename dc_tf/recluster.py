@@ -47,7 +47,8 @@ class Clusterer:
     def __call__(self, features: np.ndarray, present: np.ndarray, epoch: np.ndarray):
         x = features[present]
         if self.method == "kmeans":
-            result = clustering.kmeans(x, self.k, seed=int(self.seed + epoch), niter=self.iters)
+            result = clustering.kmeans(x, self.k, seed=int(self.seed + epoch), niter=self.iters,
+                                       verbose=len(x) >= 100_000)  # FAISS prints per iteration
             found, loss, empty = result.labels, result.loss, result.empty_clusters
         else:
             found = clustering.pic(x, max_clusters=self.k)

@@ -68,3 +68,13 @@ def config_from_flags() -> config.TrainConfig:
         pca_sample=f.pca_sample, kmeans_iters=f.kmeans_iters, epochs=f.epochs,
         batch_size=f.batch_size, learning_rate=f.learning_rate, momentum=f.momentum,
         weight_decay=f.weight_decay, reassign=f.reassign, seed=f.seed, model_dir=f.model_dir)
+
+
+def config_from_argv(argv: list) -> config.TrainConfig:
+    """Parses a command line (argv[0] is the program name) into a validated config.
+
+    Relative --flagfile paths are resolved against the current directory, as on the shell.
+    """
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(argv)
+    return config.validate(config_from_flags())

@@ -4,7 +4,6 @@ import os
 
 import numpy as np
 import pytest
-from absl import flags
 from absl.testing import flagsaver
 
 from dc_tf import config, train_flags
@@ -18,9 +17,8 @@ def config_from_flagfile(flagfile: str, *args: str) -> config.TrainConfig:
     os.chdir(ROOT)  # flagfiles include each other by paths relative to the project root
     try:
         with flagsaver.flagsaver():
-            flags.FLAGS.unparse_flags()
-            flags.FLAGS(["dc_tf.train", f"--flagfile=flags/{flagfile}", *args])
-            return config.validate(train_flags.config_from_flags())
+            return train_flags.config_from_argv(
+                ["dc_tf.train", f"--flagfile=flags/{flagfile}", *args])
     finally:
         os.chdir(cwd)
 

@@ -1,0 +1,49 @@
+"""The paper's flagfiles run unchanged on a folder of JPEGs (only the data and sizes overridden),
+and PIC trains in place of k-means."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import config_from_flagfile, write_image
+from dc_tf import train
+
+
+@pytest.fixture(scope="module")
+def jpeg_folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("jpegs")
+    for i in range(12):
+        write_image(f"{root}/class{i % 2}/{i:03d}.jpg", (60 + 7 * i, 50 + 3 * i), "RGB", seed=i)
+    return root
+
+
+@pytest.mark.parametrize("flagfile, overrides, endpoints", [
+    ("alexnet.cfg", [], {"conv1": (55, 55, 96), "conv5": (13, 13, 256), "fc7": (4096,)}),
+    ("resnet50.cfg", ["--image_size=64", "--resize_size=72"],
+     {"conv2": (16, 16, 256), "conv5": (2, 2, 2048), "pool": (2048,)}),
+])
+def test_paper_flagfile_trains_and_exports(jpeg_folder, tmp_path, flagfile, overrides, endpoints):
+    cfg = config_from_flagfile(
+        flagfile, f"--dataset=folder:{jpeg_folder}", f"--model_dir={tmp_path}/run",
+        "--num_clusters=3", "--pca_dim=8", "--batch_size=4", "--epochs=1", *overrides)
+    assert cfg.sobel and cfg.learning_rate == 0.05 and cfg.weight_decay == 1e-5
+    cfg = train.run(cfg)
+    row = json.loads(open(f"{cfg.model_dir}/metrics.jsonl").readline())
+    assert np.isfinite(row["loss"]) and row["nmi_labels"] is not None
+    serve = tf.saved_model.load(f"{cfg.model_dir}/export").signatures["serving_default"]
+    images = np.zeros((2, cfg.image_size, cfg.image_size, 3), np.uint8)
+    out = serve(images=tf.constant(images))
+    for name, shape in endpoints.items():
+        assert tuple(out[name].shape[1:]) == shape, name
+
+
+def test_pic_clustering_trains(smoke_config):
+    cfg = train.run(smoke_config("--clustering=pic", "--epochs=2"))
+    rows = [json.loads(line) for line in open(os.path.join(cfg.model_dir, "metrics.jsonl"))]
+    assert [r["epoch"] for r in rows] == [0, 1]
+    labels = np.load(os.path.join(cfg.model_dir, "assignments", "epoch_0001.npy"))
+    assert 2 <= len(np.unique(labels)) <= cfg.num_clusters
+    assert rows[0]["kmeans_loss"] is None  # PIC has no k-means objective
