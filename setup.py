@@ -24,7 +24,7 @@ setup(
         "scipy>=1.11",
     ],
     extras_require={
-        "gpu": ["faiss-gpu-cu12>=1.8", "tensorflow[and-cuda]>=2.16,<3"],
+        "gpu": ["faiss-gpu>=1.8", "tensorflow[and-cuda]>=2.16,<3"],
         "dev": ["pytest>=7", "pillow>=10"],
     },
     entry_points={"console_scripts": ["dc-tf-train=dc_tf.train:entry_point"]},

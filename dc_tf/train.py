@@ -97,7 +97,8 @@ def run(cfg: config.TrainConfig) -> config.TrainConfig:
         logging.info("training epochs %d..%d, %d steps of %d images each", initial_epoch,
                      cfg.epochs - 1, steps_per_epoch, cfg.batch_size)
         model.fit(train_data, epochs=cfg.epochs, initial_epoch=initial_epoch,
-                  steps_per_epoch=steps_per_epoch, callbacks=callbacks, verbose=2)
+                  steps_per_epoch=steps_per_epoch, callbacks=callbacks, shuffle=False,
+                  verbose=2)
     if saver.diverged_at is not None:
         raise NonFiniteLossError(
             f"the loss became non-finite in epoch {saver.diverged_at}; the checkpoint of the last "
