@@ -44,6 +44,8 @@ class TrainConfig:
     weight_decay: float = 1e-5
     reassign: int = 1
     seed: int = 31
+    # Baselines: train on the ground-truth labels instead of clusters (the Supervised row).
+    supervised: bool = False
     # Output.
     model_dir: str = ""
     # Filled in by train.main() once the dataset is open; not flags.
@@ -75,7 +77,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         _fail("arch", cfg.arch, f"unknown architecture; choose one of {', '.join(ARCHS)}")
     if cfg.clustering not in CLUSTERINGS:
         _fail("clustering", cfg.clustering, f"choose one of {', '.join(CLUSTERINGS)}")
-    for name in ("epochs", "batch_size", "num_clusters", "reassign", "image_size", "kmeans_iters"):
+    if cfg.epochs < 0:
+        _fail("epochs", cfg.epochs, "must be >= 0 (0 exports the untrained network)")
+    for name in ("batch_size", "num_clusters", "reassign", "image_size", "kmeans_iters"):
         if getattr(cfg, name) < 1:
             _fail(name, getattr(cfg, name), "must be a positive integer")
     if cfg.num_clusters < 2:
@@ -102,7 +106,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if any(s <= 0 for s in cfg.std):
         _fail("std", ",".join(map(str, cfg.std)), "every standard deviation must be > 0")
     if len(cfg.mean) != len(cfg.std):
-        _fail("mean", ",".join(map(str, cfg.mean)), f"give as many values as --std ({len(cfg.std)})")
+        _fail("mean", ",".join(map(str, cfg.mean)),
+              f"give as many values as --std ({len(cfg.std)})")
     if not cfg.model_dir:
         _fail("model_dir", '""', "name an output folder (re-using it resumes the run)")
     return cfg
@@ -112,14 +117,15 @@ def check_against_data(cfg: TrainConfig, feature_dim: int) -> None:
     """Checks what depends on the opened dataset and the built network, before any work."""
     n = cfg.num_examples
     if cfg.num_clusters > n:
-        _fail("num_clusters", cfg.num_clusters, f"exceeds the {n} images of --dataset={cfg.dataset}; "
-                    "lower it (over-clustering, about 10x the number of classes, is the usual advice)")
+        _fail("num_clusters", cfg.num_clusters,
+              f"exceeds the {n} images of --dataset={cfg.dataset}; lower it (over-clustering, "
+              "about 10x the number of classes, is the usual advice)")
     if cfg.pca_dim > feature_dim:
         _fail("pca_dim", cfg.pca_dim, f"exceeds the {feature_dim}-d clustering feature of "
-                    f"--arch={cfg.arch}; lower it, or 0 for no PCA")
+              f"--arch={cfg.arch}; lower it, or 0 for no PCA")
     if cfg.pca_dim > min(n, cfg.pca_sample):
-        _fail("pca_dim", cfg.pca_dim, f"PCA needs at least as many images as dimensions but only "
-                    f"{min(n, cfg.pca_sample)} are sampled; lower --pca_dim or add data")
+        _fail("pca_dim", cfg.pca_dim, "PCA needs at least as many images as dimensions but "
+              f"only {min(n, cfg.pca_sample)} are sampled; lower --pca_dim or add data")
 
 
 def check_resumable(saved: TrainConfig, cfg: TrainConfig) -> None:
@@ -131,11 +137,13 @@ def check_resumable(saved: TrainConfig, cfg: TrainConfig) -> None:
     diff = [f.name for f in dataclasses.fields(cfg) if f.name not in RESUMABLE_CHANGES
             and getattr(saved, f.name) != getattr(cfg, f.name)]
     if diff:
-        details = "; ".join(f"--{d}: {getattr(saved, d)!r} there, {getattr(cfg, d)!r} now" for d in diff)
+        details = "; ".join(f"--{d}: {getattr(saved, d)!r} there, {getattr(cfg, d)!r} now"
+                            for d in diff)
         raise ConfigError(f"--model_dir={cfg.model_dir} holds a run with another configuration "
-                                          f"({details}); use a new --model_dir or the same flags to resume")
+                          f"({details}); use a new --model_dir or the same flags to resume")
 
 
-def with_data(cfg: TrainConfig, channels: int, num_examples: int) -> TrainConfig:
-    return dataclasses.replace(cfg, channels=channels, num_examples=num_examples)
+def with_data(cfg: TrainConfig, channels: int, num_examples: int, **fields) -> TrainConfig:
+    """The configuration completed with what the opened dataset says."""
+    return dataclasses.replace(cfg, channels=channels, num_examples=num_examples, **fields)
 

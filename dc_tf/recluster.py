@@ -59,6 +59,32 @@ class Clusterer:
         return labels, accept.astype(np.float32), np.float32(loss), np.int32(empty)
 
 
+def _empty_stats() -> dict:
+    return {"kmeans_loss": None, "nmi_prev": None, "nmi_labels": None, "empty_clusters": None,
+            "time_features_s": 0.0, "time_cluster_s": 0.0}
+
+
+class FixedLabelsCallback(keras.callbacks.Callback):
+    """The Supervised baseline: the ground-truth labels as fixed targets, sampled uniformly over
+    classes like clusters, with one top layer for the whole run. Same interface as
+    ReclusterCallback for the run logger (`stats`, `skipped`)."""
+
+    def __init__(self, labels: np.ndarray, num_classes: int, model_dir: str):
+        super().__init__()
+        self.labels = labels.astype(np.int32)
+        self.num_classes, self.model_dir = num_classes, model_dir
+        self.stats = _empty_stats()
+        self.skipped = np.zeros(0, np.int64)
+
+    def on_train_begin(self, logs=None):
+        self.model.pseudo_labels.assign(self.labels)
+        self.model.accept.assign(clustering.acceptance_probabilities(self.labels,
+                                                                     self.num_classes))
+
+    def on_epoch_begin(self, epoch, logs=None):
+        save_array(assignment_path(self.model_dir, epoch), self.labels)
+
+
 class ReclusterCallback(keras.callbacks.Callback):
     """Reclusters at the start of every `reassign`-th epoch and saves each epoch's assignment.
 
@@ -92,8 +118,7 @@ class ReclusterCallback(keras.callbacks.Callback):
             self.previous = np.load(path)
 
     def on_epoch_begin(self, epoch, logs=None):
-        self.stats = {"kmeans_loss": None, "nmi_prev": None, "nmi_labels": None,
-                      "empty_clusters": None, "time_features_s": 0.0, "time_cluster_s": 0.0}
+        self.stats = _empty_stats()
         if epoch % self.reassign == 0 or self.previous is None:
             self._recluster(epoch)
         assignment = self.model.pseudo_labels.numpy()

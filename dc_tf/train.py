@@ -22,7 +22,7 @@ from dc_tf.data import pipelines
 from dc_tf.export import export_saved_model
 from dc_tf.model import DeepClusterModel
 from dc_tf.monitor import RunLogger, truncate_metrics
-from dc_tf.recluster import Clusterer, ReclusterCallback
+from dc_tf.recluster import Clusterer, FixedLabelsCallback, ReclusterCallback
 
 
 def run(cfg: config.TrainConfig) -> config.TrainConfig:
@@ -33,7 +33,12 @@ def run(cfg: config.TrainConfig) -> config.TrainConfig:
     """
     # ---------------------------------------------------------------- data and checks
     source = data.open_source(cfg.dataset, cfg.data_dir, cfg.max_examples)
-    cfg = config.with_data(cfg, source.channels, source.num_examples)
+    if cfg.supervised:
+        labels = data.all_labels(source)
+        cfg = config.with_data(cfg, source.channels, source.num_examples,
+                               num_clusters=int(labels.max()) + 1)
+    else:
+        cfg = config.with_data(cfg, source.channels, source.num_examples)
     keras.utils.set_random_seed(cfg.seed)
     try:
         backbone = models.build_backbone(cfg.arch, cfg.image_size, cfg.channels, cfg.sobel,
@@ -41,7 +46,8 @@ def run(cfg: config.TrainConfig) -> config.TrainConfig:
     except ValueError as e:  # an --image_size too small for --arch, a --mean of the wrong length
         raise config.ConfigError(str(e)) from e
     cluster_endpoint = models.cluster_endpoint(cfg.arch)
-    config.check_against_data(cfg, backbone.output[cluster_endpoint].shape[-1])
+    if not cfg.supervised:
+        config.check_against_data(cfg, backbone.output[cluster_endpoint].shape[-1])
 
     # ---------------------------------------------------------------- model_dir
     model_dir = cfg.model_dir
@@ -74,21 +80,24 @@ def run(cfg: config.TrainConfig) -> config.TrainConfig:
         source, model.pseudo_labels, model.accept, cfg.image_size, cfg.crop_scale,
         cfg.crop_ratio, cfg.batch_size, seed=cfg.seed + initial_epoch)
 
-    @tf.function
-    def infer(images):
-        return backbone(images, training=False)[cluster_endpoint]
+    if cfg.supervised:
+        labeller = FixedLabelsCallback(labels, cfg.num_clusters, model_dir)
+    else:
+        @tf.function
+        def infer(images):
+            return backbone(images, training=False)[cluster_endpoint]
 
-    rng = np.random.default_rng(cfg.seed)
-    order = rng.permutation(cfg.num_examples) if source.random_access else None
-    recluster = ReclusterCallback(
-        infer, lambda: pipelines.feature_dataset(source, cfg.resize_size, cfg.image_size,
-                                                 cfg.batch_size, order),
-        Clusterer(cfg.clustering, cfg.num_clusters, cfg.kmeans_iters, cfg.seed),
-        cfg.num_examples, cfg.pca_dim, cfg.pca_sample, model_dir, cfg.reassign)
-    recluster.resume(initial_epoch)
+        order = (np.random.default_rng(cfg.seed).permutation(cfg.num_examples)
+                 if source.random_access else None)  # the PCA sample is the head of this order
+        labeller = ReclusterCallback(
+            infer, lambda: pipelines.feature_dataset(source, cfg.resize_size, cfg.image_size,
+                                                     cfg.batch_size, order),
+            Clusterer(cfg.clustering, cfg.num_clusters, cfg.kmeans_iters, cfg.seed),
+            cfg.num_examples, cfg.pca_dim, cfg.pca_sample, model_dir, cfg.reassign)
+        labeller.resume(initial_epoch)
     saver = CheckpointCallback(checkpoint)
-    callbacks = [recluster,
-                 RunLogger(model_dir, recluster, cfg.batch_size, steps_per_epoch,
+    callbacks = [labeller,
+                 RunLogger(model_dir, labeller, cfg.batch_size, steps_per_epoch,
                            cfg.learning_rate),
                  saver]
 
@@ -104,9 +113,9 @@ def run(cfg: config.TrainConfig) -> config.TrainConfig:
             f"the loss became non-finite in epoch {saver.diverged_at}; the checkpoint of the last "
             f"good epoch is intact in {model_dir}/checkpoints. Lower --learning_rate (now "
             f"{cfg.learning_rate}) and re-run the same command to resume from it.")
-    if len(recluster.skipped):
-        logging.warning("%d unreadable images were skipped, e.g. %s", len(recluster.skipped),
-                        ", ".join(source.describe(int(i)) for i in recluster.skipped[:5]))
+    if len(labeller.skipped):
+        logging.warning("%d unreadable images were skipped, e.g. %s", len(labeller.skipped),
+                        ", ".join(source.describe(int(i)) for i in labeller.skipped[:5]))
 
     # ---------------------------------------------------------------- export
     path = export_saved_model(backbone, os.path.join(model_dir, "export"), cfg.image_size,

@@ -43,6 +43,10 @@ flags.DEFINE_float("weight_decay", _D.weight_decay, "Coupled L2 coefficient (pap
 flags.DEFINE_integer("reassign", _D.reassign, "Epochs between two reclusterings (paper: 1).")
 flags.DEFINE_integer("seed", _D.seed, "One seed for everything (paper: 31).")
 flags.DEFINE_string("model_dir", _D.model_dir, "Output folder; re-running with it resumes.")
+flags.DEFINE_bool("supervised", _D.supervised,
+                  "Baseline: train on the dataset's labels (one output per class, --num_clusters "
+                  "ignored) with the same network, sampling and budget. --epochs=0 exports the "
+                  "untrained network (the Random baseline).")
 
 
 def _floats(flag: str, values, length=None) -> tuple:
@@ -67,7 +71,8 @@ def config_from_flags() -> config.TrainConfig:
         num_clusters=f.num_clusters, clustering=f.clustering, pca_dim=f.pca_dim,
         pca_sample=f.pca_sample, kmeans_iters=f.kmeans_iters, epochs=f.epochs,
         batch_size=f.batch_size, learning_rate=f.learning_rate, momentum=f.momentum,
-        weight_decay=f.weight_decay, reassign=f.reassign, seed=f.seed, model_dir=f.model_dir)
+        weight_decay=f.weight_decay, reassign=f.reassign, seed=f.seed, model_dir=f.model_dir,
+        supervised=f.supervised)
 
 
 def config_from_argv(argv: list) -> config.TrainConfig:

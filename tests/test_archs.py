@@ -1,6 +1,7 @@
 """The paper's flagfiles run unchanged on a folder of JPEGs (only the data and sizes overridden),
 and PIC trains in place of k-means."""
 
+import dataclasses
 import json
 import os
 
@@ -47,3 +48,18 @@ def test_pic_clustering_trains(smoke_config):
     labels = np.load(os.path.join(cfg.model_dir, "assignments", "epoch_0001.npy"))
     assert 2 <= len(np.unique(labels)) <= cfg.num_clusters
     assert rows[0]["kmeans_loss"] is None  # PIC has no k-means objective
+
+
+def test_baselines_random_export_and_supervised_training(smoke_config):
+    from dc_tf import data
+    random = train.run(smoke_config("--epochs=0"))
+    assert os.path.exists(os.path.join(random.model_dir, "export", "saved_model.pb"))
+    assert not os.path.exists(os.path.join(random.model_dir, "metrics.jsonl"))
+
+    cfg = smoke_config("--supervised", "--epochs=1", "--num_clusters=3")
+    cfg = train.run(dataclasses.replace(cfg, model_dir=cfg.model_dir + "_supervised"))
+    assert cfg.num_clusters == 10  # one output per Fashion-MNIST class, --num_clusters ignored
+    row = json.loads(open(os.path.join(cfg.model_dir, "metrics.jsonl")).readline())
+    assert row["nmi_labels"] is None and np.isfinite(row["loss"])
+    labels = np.load(os.path.join(cfg.model_dir, "assignments", "epoch_0000.npy"))
+    np.testing.assert_array_equal(labels, data.open_source("fashion_mnist", "", 512).labels)

@@ -19,7 +19,8 @@ from dc_tf.model import DeepClusterModel
 @pytest.mark.parametrize("flag, message", [
     ("--arch=lenet", "--arch=lenet: unknown architecture"),
     ("--learning_rate=-0.1", "--learning_rate=-0.1: must be > 0"),
-    ("--epochs=0", "--epochs=0: must be a positive integer"),
+    ("--epochs=-1", "--epochs=-1: must be >= 0"),
+    ("--batch_size=0", "--batch_size=0: must be a positive integer"),
     ("--num_clusters=1", "--num_clusters=1: DeepCluster needs at least 2"),
     ("--clustering=dbscan", "--clustering=dbscan: choose one of kmeans, pic"),
     ("--crop_scale=0.5,2", "--crop_scale=0.5,2.0: needs 0 < min <= max <= 1"),

@@ -44,6 +44,20 @@ def open_source(dataset: str, data_dir: str = "", max_examples: int = 0) -> Sour
     return _first(source, max_examples)
 
 
+def all_labels(source: Source) -> np.ndarray:
+    """int64 [N] ground-truth labels; record sources are read once (without decoding) to get
+    them. Raises ConfigError when the dataset has none."""
+    labels = source.labels
+    if labels is None:
+        labels = np.full(source.num_examples, -1, np.int64)
+        for index, _, label in source.triples().batch(4096).as_numpy_iterator():
+            labels[index] = label
+    if (labels < 0).all():
+        raise ConfigError(f"--dataset={source.name} has no labels; --supervised needs them "
+                          "(for folder:PATH, put the images in one sub-folder per class)")
+    return labels
+
+
 def _first(source: Source, n: int) -> Source:
     """The first n examples of a random-access source (n = 0: all)."""
     if not n or n >= source.num_examples:
