@@ -2,45 +2,79 @@
 
 The export is a plain `tf.Module` whose `serving_default` signature casts uint8 images to float,
 runs the backbone in inference mode (normalisation and Sobel are layers of the backbone) and
-returns every named endpoint. It loads with `tf.saved_model.load` in a process that has never
-imported dc_tf, and it contains no numpy_function.
+returns every named endpoint. When the run has a final clustering, a second signature `assign`
+puts images into its clusters: the clustering feature, PCA-whitened and L2-normalised as k-means
+saw it (`embedding`), its nearest centroid (`cluster`, int32) and the L2 distance to it
+(`distance`). The whitening and the centroids are variables of the SavedModel. It loads with
+`tf.saved_model.load` in a process that has never imported dc_tf, and it contains no
+numpy_function.
 
     m = tf.saved_model.load("MODEL_DIR/export")
     feats = m.signatures["serving_default"](images=tf.constant(uint8_images))
     feats["fc7"], feats["conv5"], ...
+    m.signatures["assign"](images=tf.constant(uint8_images))["cluster"]
 """
 
 import os
 import shutil
+from typing import Optional
 
 import keras
 import tensorflow as tf
 
+from dc_tf.recluster import FinalClustering
+
 
 class _FeatureModule(tf.Module):
-    def __init__(self, backbone: keras.Model, image_size: int, channels: int):
+    def __init__(self, backbone: keras.Model, image_size: int, channels: int,
+                 cluster_endpoint: Optional[str], final: Optional[FinalClustering]):
         super().__init__(name="dc_tf_export")
         self.backbone = backbone
         spec = tf.TensorSpec([None, image_size, image_size, channels], tf.uint8, name="images")
         self.serve = tf.function(self._serve, input_signature=[spec])
+        if final is not None:
+            self.cluster_endpoint = cluster_endpoint
+            self.pca_mean = tf.Variable(final.mean, trainable=False, name="pca_mean")
+            self.pca_matrix = tf.Variable(final.matrix, trainable=False, name="pca_matrix")
+            self.centroids = tf.Variable(final.centroids, trainable=False, name="centroids")
+            self.assign = tf.function(self._assign, input_signature=[spec])
 
     def _serve(self, images):
         outputs = self.backbone(tf.cast(images, tf.float32), training=False)
         return {name: tf.identity(value, name=name) for name, value in outputs.items()}
 
+    def _assign(self, images):
+        x = self.backbone(tf.cast(images, tf.float32), training=False)[self.cluster_endpoint]
+        z = tf.matmul(x - self.pca_mean, self.pca_matrix)
+        # As clustering.l2_normalize: x / (||x|| + 1e-10).
+        z = z / (tf.norm(z, axis=1, keepdims=True) + 1e-10)
+        d2 = (tf.reduce_sum(z * z, 1, keepdims=True) - 2.0 * tf.matmul(z, self.centroids,
+                                                                        transpose_b=True)
+              + tf.reduce_sum(self.centroids * self.centroids, 1)[None, :])
+        cluster = tf.argmin(d2, axis=1, output_type=tf.int32)
+        distance = tf.sqrt(tf.maximum(tf.reduce_min(d2, axis=1), 0.0))
+        return {"cluster": cluster, "distance": distance, "embedding": z}
 
-def export_saved_model(backbone: keras.Model, path: str, image_size: int, channels: int) -> str:
+
+def export_saved_model(backbone: keras.Model, path: str, image_size: int, channels: int,
+                       cluster_endpoint: Optional[str] = None,
+                       final: Optional[FinalClustering] = None) -> str:
     """Writes the SavedModel to `path`, replacing any earlier export only once complete.
 
     Args:
       backbone: the network, mapping float32 [B, S, S, C] pixels in [0, 255] to named endpoints.
       path: output folder (MODEL_DIR/export).
-      image_size, channels: S and C of the uint8 images the signature accepts.
+      image_size, channels: S and C of the uint8 images the signatures accept.
+      cluster_endpoint: the endpoint that was clustered (with `final`).
+      final: the final clustering; adds the `assign` signature.
     """
-    module = _FeatureModule(backbone, image_size, channels)
+    module = _FeatureModule(backbone, image_size, channels, cluster_endpoint, final)
+    signatures = {"serving_default": module.serve}
+    if final is not None:
+        signatures["assign"] = module.assign
     tmp = path.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    tf.saved_model.save(module, tmp, signatures={"serving_default": module.serve})
+    tf.saved_model.save(module, tmp, signatures=signatures)
     shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)
     return path

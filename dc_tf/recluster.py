@@ -6,6 +6,8 @@ variables only: the pseudo-labels, the sampler's acceptance probabilities, and a
 top layer with a fresh optimizer state.
 """
 
+import dataclasses
+import json
 import os
 import time
 from typing import Callable, Optional
@@ -44,19 +46,64 @@ class Clusterer:
     def __init__(self, method: str, num_clusters: int, kmeans_iters: int, seed: int):
         self.method, self.k, self.iters, self.seed = method, num_clusters, kmeans_iters, seed
 
-    def __call__(self, features: np.ndarray, present: np.ndarray, epoch: np.ndarray):
-        x = features[present]
+    def cluster(self, x: np.ndarray, epoch: int):
+        """Clusters the rows of x: (labels int32 [n], centroids float32 [c, d], loss, empty).
+
+        PIC has no centroids of its own: they are the means of its clusters' members.
+        """
         if self.method == "kmeans":
             result = clustering.kmeans(x, self.k, seed=int(self.seed + epoch), niter=self.iters,
                                        verbose=len(x) >= 100_000)  # FAISS prints per iteration
-            found, loss, empty = result.labels, result.loss, result.empty_clusters
-        else:
-            found = clustering.pic(x, max_clusters=self.k)
-            loss, empty = float("nan"), self.k - int(found.max()) - 1
+            return result.labels, result.centroids, result.loss, result.empty_clusters
+        labels = clustering.pic(x, max_clusters=self.k)
+        found = int(labels.max()) + 1
+        centroids = np.zeros((found, x.shape[1]), np.float64)
+        np.add.at(centroids, labels, x)
+        centroids /= np.bincount(labels, minlength=found)[:, None]
+        return labels, centroids.astype(np.float32), float("nan"), self.k - found
+
+    def __call__(self, features: np.ndarray, present: np.ndarray, epoch: np.ndarray):
+        found, _, loss, empty = self.cluster(features[present], int(epoch))
         labels = np.full(len(features), -1, np.int32)
         labels[present] = found
         accept = clustering.acceptance_probabilities(labels, self.k)
         return labels, accept.astype(np.float32), np.float32(loss), np.int32(empty)
+
+
+@dataclasses.dataclass
+class FinalClustering:
+    """The clustering of the final weights, which the export carries for its `assign` signature.
+
+    The clusters of epoch t were found with the weights of the start of epoch t, so they do not
+    fit the trained network; this one is computed after the last epoch.
+
+    Attributes:
+      labels: int32 [N] cluster of every example (-1: unreadable).
+      mean: float32 [D], matrix: float32 [D, d]: the PCA-whitening (identity when pca_dim = 0).
+      centroids: float32 [c, d] in the whitened, L2-normalised space.
+      epochs: the number of trained epochs it belongs to.
+    """
+    labels: np.ndarray
+    mean: np.ndarray
+    matrix: np.ndarray
+    centroids: np.ndarray
+    epochs: int
+
+    def save(self, model_dir: str) -> None:
+        save_array(os.path.join(model_dir, "assignments", "final.npy"), self.labels)
+        tmp = os.path.join(model_dir, "final_clustering.tmp.npz")
+        np.savez(tmp, **dataclasses.asdict(self))
+        os.replace(tmp, os.path.join(model_dir, "final_clustering.npz"))
+
+    @classmethod
+    def load(cls, model_dir: str, epochs: int) -> Optional["FinalClustering"]:
+        """The saved final clustering if it belongs to a run of `epochs` epochs, else None."""
+        path = os.path.join(model_dir, "final_clustering.npz")
+        if not os.path.exists(path):
+            return None
+        with np.load(path) as f:
+            saved = cls(**{k: f[k] for k in f.files})
+        return saved if int(saved.epochs) == epochs else None
 
 
 def _empty_stats() -> dict:
@@ -125,10 +172,38 @@ class ReclusterCallback(keras.callbacks.Callback):
         save_array(assignment_path(self.model_dir, epoch), assignment)
         self.previous = assignment
 
+    def _feature_pass(self, epoch) -> FeaturePass:
+        logging.info("epoch %s: feature pass over %d images", epoch, self.num_examples)
+        return extract_features(self.infer, self.feature_data(), self.num_examples,
+                                self.pca_dim, self.pca_sample)
+
+    def cluster_final(self, epochs: int) -> FinalClustering:
+        """Clusters the features of the trained network once more (after the last epoch), saves
+        it as assignments/final.npy and logs its figures to final_clustering.json."""
+        fp = self._feature_pass("final")
+        start = time.time()
+        found, centroids, loss, empty = self.clusterer.cluster(fp.features[fp.present], epochs)
+        labels = np.full(self.num_examples, -1, np.int32)
+        labels[fp.present] = found
+        dim = fp.features.shape[1]
+        pca = fp.pca or clustering.PCAWhitening(np.zeros(dim, np.float32),
+                                                np.eye(dim, dtype=np.float32))
+        final = FinalClustering(labels, pca.mean, pca.matrix, centroids, epochs)
+        final.save(self.model_dir)
+        figures = {"epochs": epochs, "kmeans_loss": None if np.isnan(loss) else float(loss),
+                   "empty_clusters": int(empty), "time_features_s": fp.seconds,
+                   "time_cluster_s": time.time() - start,
+                   "nmi_prev": (clustering.nmi(labels, self.previous)
+                                if self.previous is not None else None),
+                   "nmi_labels": (clustering.nmi(labels, fp.labels)
+                                  if (fp.labels >= 0).any() else None)}
+        with open(os.path.join(self.model_dir, "final_clustering.json"), "w") as f:
+            json.dump(figures, f, indent=1)
+        logging.info("final clustering: %s", figures)
+        return final
+
     def _recluster(self, epoch: int) -> None:
-        logging.info("epoch %d: feature pass over %d images", epoch, self.num_examples)
-        fp: FeaturePass = extract_features(self.infer, self.feature_data(), self.num_examples,
-                                           self.pca_dim, self.pca_sample)
+        fp = self._feature_pass(epoch)
         if len(fp.missing):
             self.skipped = fp.missing
         self.labels = fp.labels if (fp.labels >= 0).any() else None

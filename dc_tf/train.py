@@ -22,7 +22,8 @@ from dc_tf.data import pipelines
 from dc_tf.export import export_saved_model
 from dc_tf.model import DeepClusterModel
 from dc_tf.monitor import RunLogger, truncate_metrics
-from dc_tf.recluster import Clusterer, FixedLabelsCallback, ReclusterCallback
+from dc_tf.recluster import (Clusterer, FinalClustering, FixedLabelsCallback,
+                             ReclusterCallback)
 
 
 def run(cfg: config.TrainConfig) -> config.TrainConfig:
@@ -117,9 +118,12 @@ def run(cfg: config.TrainConfig) -> config.TrainConfig:
         logging.warning("%d unreadable images were skipped, e.g. %s", len(labeller.skipped),
                         ", ".join(source.describe(int(i)) for i in labeller.skipped[:5]))
 
-    # ---------------------------------------------------------------- export
+    # ---------------------------------------------------------------- final clustering, export
+    final = None
+    if not cfg.supervised:
+        final = FinalClustering.load(model_dir, cfg.epochs) or labeller.cluster_final(cfg.epochs)
     path = export_saved_model(backbone, os.path.join(model_dir, "export"), cfg.image_size,
-                              cfg.channels)
+                              cfg.channels, cluster_endpoint, final)
     logging.info("exported the backbone to %s", path)
     return cfg
 

@@ -40,8 +40,9 @@ def test_fit_two_epochs_writes_the_model_dir_layout(trained):
         assert np.isfinite(r["loss"]) and r["train_images_per_s"] > 0
         assert 0 <= r["nmi_labels"] <= 1  # Fashion-MNIST has labels
     assert rows[0]["nmi_prev"] is None and 0 <= rows[1]["nmi_prev"] <= 1
-    for epoch in (0, 1):
-        labels = np.load(os.path.join(d, "assignments", f"epoch_{epoch:04d}.npy"))
+    for epoch in (0, 1, "final"):
+        name = f"epoch_{epoch:04d}.npy" if epoch != "final" else "final.npy"
+        labels = np.load(os.path.join(d, "assignments", name))
         assert labels.dtype == np.int32 and labels.shape == (trained.num_examples,)
         # Every cluster of k-means on 512 images holds images after the empty-cluster repair.
         assert set(np.unique(labels)) == set(range(trained.num_clusters))
@@ -51,7 +52,8 @@ def test_fit_two_epochs_writes_the_model_dir_layout(trained):
 
 
 def test_export_matches_the_trained_network_in_a_fresh_process(trained, tmp_path):
-    """fc7 of the SavedModel (loaded without dc_tf) equals the restored training network's."""
+    """fc7 of the SavedModel (loaded without dc_tf) equals the restored training network's, and
+    its `assign` signature reproduces the final clustering of the training images."""
     import keras
     from dc_tf import data, models
     from dc_tf.checkpoint import RunCheckpoint
@@ -64,20 +66,27 @@ def test_export_matches_the_trained_network_in_a_fresh_process(trained, tmp_path
                              cfg.num_clusters, cfg.weight_decay, seed=0)
     model.compile(keras.optimizers.SGD(0.1, momentum=0.9), keras.optimizers.SGD(0.1))
     assert RunCheckpoint(model, os.path.join(cfg.model_dir, "checkpoints")).restore() == 2
-    source = data.open_source(cfg.dataset, cfg.data_dir, 16)
-    images = source.images[:16]
-    expected = backbone(images.astype(np.float32), training=False)["fc7"].numpy()
-    np.savez(tmp_path / "io.npz", images=images, fc7=expected)
+    source = data.open_source(cfg.dataset, cfg.data_dir, cfg.num_examples)
+    images = source.images  # 32x32 already: the feature pass's centre crop leaves them as they are
+    expected = backbone(images[:16].astype(np.float32), training=False)["fc7"].numpy()
+    final = np.load(os.path.join(cfg.model_dir, "assignments", "final.npy"))
+    np.savez(tmp_path / "io.npz", images=images, fc7=expected, final=final)
     script = f"""
 import sys, numpy as np, tensorflow as tf
 m = tf.saved_model.load({os.path.join(cfg.model_dir, 'export')!r})
 assert not [k for k in sys.modules if k.startswith("dc_tf")], "dc_tf was imported"
 io = np.load({str(tmp_path / 'io.npz')!r})
-out = m.signatures["serving_default"](images=tf.constant(io["images"]))
+out = m.signatures["serving_default"](images=tf.constant(io["images"][:16]))
 assert sorted(out) == ["conv1", "conv2", "conv3", "fc6", "fc7", "fc7_pre_relu"], sorted(out)
 diff = np.abs(out["fc7"].numpy() - io["fc7"]).max()
 print("max abs diff", diff)
 assert diff < 1e-4, diff
+assigned = m.signatures["assign"](images=tf.constant(io["images"]))
+agree = (assigned["cluster"].numpy() == io["final"]).mean()
+print("assign agrees with assignments/final.npy on", agree)
+assert agree >= 0.999, agree
+assert assigned["cluster"].dtype == tf.int32 and assigned["embedding"].shape == (512, 32)
+assert set(np.unique(assigned["cluster"].numpy())) <= set(np.unique(io["final"]))
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                             cwd=str(tmp_path), env={**os.environ, "PYTHONPATH": ""})
