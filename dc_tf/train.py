@@ -49,6 +49,10 @@ def run(cfg: config.TrainConfig) -> config.TrainConfig:
     cluster_endpoint = models.cluster_endpoint(cfg.arch)
     if not cfg.supervised:
         config.check_against_data(cfg, backbone.output[cluster_endpoint].shape[-1])
+        if cfg.num_examples < 39 * cfg.num_clusters:
+            logging.warning("%d images for --num_clusters=%d is fewer than the 39 per cluster "
+                            "FAISS asks for; clusters will be small and noisy",
+                            cfg.num_examples, cfg.num_clusters)
 
     # ---------------------------------------------------------------- model_dir
     model_dir = cfg.model_dir
@@ -59,6 +63,9 @@ def run(cfg: config.TrainConfig) -> config.TrainConfig:
             config.check_resumable(config.TrainConfig.from_json(f.read()), cfg)
     with open(config_path, "w") as f:
         f.write(cfg.to_json())
+    index_map = os.path.join(model_dir, "examples.tsv")
+    if not os.path.exists(index_map):
+        data.write_index_map(source, index_map)
     logging.info("configuration:\n%s", cfg.to_json())
     logging.info("dataset %s: %d images, %d channel(s)", source.name, source.num_examples,
                  source.channels)
@@ -115,7 +122,9 @@ def run(cfg: config.TrainConfig) -> config.TrainConfig:
             f"good epoch is intact in {model_dir}/checkpoints. Lower --learning_rate (now "
             f"{cfg.learning_rate}) and re-run the same command to resume from it.")
     if len(labeller.skipped):
-        logging.warning("%d unreadable images were skipped, e.g. %s", len(labeller.skipped),
+        data.write_skipped(source, labeller.skipped, os.path.join(model_dir, "skipped.tsv"))
+        logging.warning("%d unreadable images were skipped (listed with the reason in "
+                        "%s/skipped.tsv), e.g. %s", len(labeller.skipped), model_dir,
                         ", ".join(source.describe(int(i)) for i in labeller.skipped[:5]))
 
     # ---------------------------------------------------------------- final clustering, export

@@ -92,6 +92,13 @@ def test_unreadable_images_are_skipped_counted_and_excluded(tmp_path):
     bad = [source.paths.index(os.path.join("c0", "zero.jpg")),
            source.paths.index(os.path.join("c1", "text.png"))]
     assert (labels[bad] == -1).all() and (np.delete(labels, bad) >= 0).all()
+    rows = [line.split("\t") for line in open(f"{cfg.model_dir}/skipped.tsv").read().splitlines()]
+    assert rows[0] == ["index", "source", "reason"]
+    assert sorted(int(r[0]) for r in rows[1:]) == sorted(bad)
+    assert {r[1] for r in rows[1:]} == {os.path.join("c0", "zero.jpg"), os.path.join("c1", "text.png")}
+    assert all(r[2] for r in rows[1:])
+    examples = open(f"{cfg.model_dir}/examples.tsv").read().splitlines()
+    assert len(examples) == 27 and examples[1] == f"0\t{source.paths[0]}\t0"
 
 
 class DivergingModel(DeepClusterModel):

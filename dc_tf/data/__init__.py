@@ -5,6 +5,7 @@ returns a `Source`; `dc_tf.data.pipelines` turns it into the feature-pass and tr
 """
 
 import os
+import re
 
 import numpy as np
 
@@ -56,6 +57,38 @@ def all_labels(source: Source) -> np.ndarray:
         raise ConfigError(f"--dataset={source.name} has no labels; --supervised needs them "
                           "(for folder:PATH, put the images in one sub-folder per class)")
     return labels
+
+
+def write_index_map(source: Source, path: str) -> None:
+    """Writes `index<TAB>source<TAB>label` for every example (label empty where unknown), so
+    that assignments/*.npy, indexed by example, can be traced to files."""
+    labels = source.labels
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write("index\tsource\tlabel\n")
+        for i in range(source.num_examples):
+            label = "" if labels is None or labels[i] < 0 else str(labels[i])
+            f.write(f"{i}\t{source.describe(i)}\t{label}\n")
+    os.replace(tmp, path)
+
+
+def write_skipped(source: Source, indices, path: str) -> None:
+    """Writes `index<TAB>source<TAB>reason` for examples that failed to decode; the reason is
+    the decoder's message, found by decoding each one again (random-access sources)."""
+    import tensorflow as tf
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("index\tsource\treason\n")
+        for i in indices:
+            reason = "could not be decoded"
+            if source.random_access:
+                try:
+                    source.decode(tf.constant(int(i), tf.int64), None)
+                except (tf.errors.OpError, ValueError) as e:
+                    message = str(getattr(e, "message", e))
+                    # Keep the decoder's words, not TF's op and device decoration around them.
+                    message = re.sub(r"\{\{.*?\}\}|\[Op:.*$", "", message, flags=re.S)
+                    reason = " ".join(message.split())[:200]
+            f.write(f"{i}\t{source.describe(int(i))}\t{reason}\n")
 
 
 def _first(source: Source, n: int) -> Source:

@@ -1,0 +1,132 @@
+r"""What the clusters of a run hold: sizes, purity, majority labels, and folders of links.
+
+    python -m dc_tf.clusters --model_dir=runs/fashion_mnist             # the final clustering
+    python -m dc_tf.clusters --model_dir=runs/fashion_mnist --epoch=3
+    python -m dc_tf.clusters --model_dir=runs/photos --export_to=/tmp/clusters
+
+Reads `assignments/` and `examples.tsv` of a model_dir; with --export_to (folder sources only),
+writes one sub-folder per cluster holding symbolic links to its members' files.
+"""
+
+import csv
+import json
+import os
+import sys
+
+import numpy as np
+from absl import app, flags
+
+
+def load_assignment(model_dir: str, epoch: str = "final") -> np.ndarray:
+    """int32 [N] cluster of every example after `epoch` ("final", or an epoch number)."""
+    name = "final.npy" if epoch == "final" else f"epoch_{int(epoch):04d}.npy"
+    path = os.path.join(model_dir, "assignments", name)
+    if not os.path.exists(path):
+        found = sorted(os.listdir(os.path.join(model_dir, "assignments")))
+        raise FileNotFoundError(f"--epoch={epoch}: no {path}; this run has {', '.join(found)}")
+    return np.load(path)
+
+
+def load_examples(model_dir: str) -> tuple:
+    """(sources: list of str, labels: int64 [N], -1 where unknown) from examples.tsv."""
+    with open(os.path.join(model_dir, "examples.tsv"), encoding="utf-8") as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    labels = np.array([int(r["label"]) if r["label"] else -1 for r in rows], np.int64)
+    return [r["source"] for r in rows], labels
+
+
+def cluster_table(assignment: np.ndarray, labels: np.ndarray) -> list:
+    """One dict per non-empty cluster: id, size, and with labels the majority label and purity
+    (the majority label's share of the cluster's labelled members). Largest clusters first."""
+    valid = assignment >= 0
+    k = int(assignment.max()) + 1
+    sizes = np.bincount(assignment[valid], minlength=k)
+    labelled = valid & (labels >= 0)
+    contingency = None
+    if labelled.any():
+        num_labels = int(labels.max()) + 1
+        contingency = np.bincount(assignment[labelled] * num_labels + labels[labelled],
+                                  minlength=k * num_labels).reshape(k, num_labels)
+    rows = []
+    for c in np.flatnonzero(sizes):
+        row = {"cluster": int(c), "size": int(sizes[c])}
+        if contingency is not None and contingency[c].sum():
+            row.update(majority_label=int(contingency[c].argmax()),
+                       purity=contingency[c].max() / contingency[c].sum())
+        rows.append(row)
+    return sorted(rows, key=lambda r: -r["size"])
+
+
+def size_histogram(sizes: np.ndarray) -> list:
+    """(low, high, count) for power-of-two bins of cluster sizes."""
+    edges = 2 ** np.arange(0, int(np.log2(max(sizes.max(), 1))) + 2)
+    counts, _ = np.histogram(sizes, bins=edges)
+    return [(int(lo), int(hi) - 1, int(n)) for lo, hi, n in zip(edges[:-1], edges[1:], counts)]
+
+
+def export_links(model_dir: str, assignment: np.ndarray, sources: list, out_dir: str) -> int:
+    """Writes out_dir/cluster_NNNNN/ with a symbolic link per member file; returns the count."""
+    with open(os.path.join(model_dir, "config.json")) as f:
+        dataset = json.load(f)["dataset"]
+    if not dataset.startswith("folder:"):
+        raise ValueError(f"--export_to needs a folder:PATH dataset; this run used {dataset}")
+    root = os.path.abspath(dataset[len("folder:"):])
+    width = len(str(max(int(assignment.max()), 0)))
+    made = 0
+    for i, c in enumerate(assignment):
+        if c < 0:
+            continue
+        folder = os.path.join(out_dir, f"cluster_{int(c):0{width}d}")
+        os.makedirs(folder, exist_ok=True)
+        link = os.path.join(folder, f"{i}_{os.path.basename(sources[i])}")
+        if not os.path.lexists(link):
+            os.symlink(os.path.join(root, sources[i]), link)
+        made += 1
+    return made
+
+
+FLAGS = flags.FLAGS
+
+
+def _define_flags():
+    """Flags exist only when this module is the program, not when it is imported."""
+    flags.DEFINE_string("model_dir", None, "A training run's folder.")
+    flags.DEFINE_string("epoch", "final", "'final' or an epoch number.")
+    flags.DEFINE_integer("max_rows", 20, "Print the N largest clusters.")
+    flags.DEFINE_string("export_to", "", "Write per-cluster folders of links here (folder sources).")
+
+
+def main(argv):
+    del argv
+    try:
+        assignment = load_assignment(FLAGS.model_dir, FLAGS.epoch)
+        sources, labels = load_examples(FLAGS.model_dir)
+        if FLAGS.export_to:
+            made = export_links(FLAGS.model_dir, assignment, sources, FLAGS.export_to)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    table = cluster_table(assignment, labels)
+    sizes = np.array([r["size"] for r in table])
+    print(f"{len(table)} non-empty clusters of {len(assignment)} examples "
+          f"({int((assignment < 0).sum())} unreadable); sizes min {sizes.min()}, "
+          f"median {int(np.median(sizes))}, max {sizes.max()}")
+    if "purity" in table[0]:
+        print(f"mean purity {np.mean([r['purity'] for r in table]):.3f}")
+    print("size histogram:")
+    bins = size_histogram(sizes)
+    first = next(i for i, b in enumerate(bins) if b[2])
+    for lo, hi, n in bins[first:]:
+        print(f"  {lo:>7}-{hi:<7} {n:>6} {'#' * min(n, 60)}")
+    print(f"largest {min(FLAGS.max_rows, len(table))} clusters:")
+    for r in table[:FLAGS.max_rows]:
+        extra = (f"  majority label {r['majority_label']}  purity {r['purity']:.3f}"
+                 if "purity" in r else "")
+        print(f"  cluster {r['cluster']:>6}  size {r['size']:>7}{extra}")
+    if FLAGS.export_to:
+        print(f"linked {made} files into {FLAGS.export_to}")
+
+
+if __name__ == "__main__":
+    _define_flags()
+    flags.mark_flag_as_required("model_dir")
+    app.run(main)
