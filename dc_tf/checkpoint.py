@@ -1,6 +1,7 @@
 """Checkpoints of everything a run needs to resume, written at the end of every good epoch."""
 
 import math
+import signal
 
 import keras
 import tensorflow as tf
@@ -43,16 +44,30 @@ class NonFiniteLossError(RuntimeError):
 class CheckpointCallback(keras.callbacks.Callback):
     """Saves after every epoch whose loss is finite; otherwise stops training without saving.
 
-    After fit() returns, `diverged_at` is the epoch whose loss was not finite (or None).
+    SIGTERM (preemption) ends the epoch at the next step and saves it as it stands; the next run
+    continues with the following epoch. After fit() returns, `diverged_at` is the epoch whose loss
+    was not finite (or None) and `preempted` says whether SIGTERM stopped the run.
     """
 
     def __init__(self, checkpoint: RunCheckpoint):
         super().__init__()
         self.checkpoint = checkpoint
         self.diverged_at = None
+        self.preempted = False
+        self._previous_handler = None
+
+    def _on_sigterm(self, signum, frame):
+        logging.warning("SIGTERM: saving a checkpoint at the end of this step")
+        self.preempted = True
+
+    def on_train_begin(self, logs=None):
+        self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def on_train_end(self, logs=None):
+        signal.signal(signal.SIGTERM, self._previous_handler or signal.SIG_DFL)
 
     def on_train_batch_end(self, batch, logs=None):
-        if logs and not math.isfinite(float(logs["loss"])):
+        if self.preempted or (logs and not math.isfinite(float(logs["loss"]))):
             self.model.stop_training = True
 
     def on_epoch_end(self, epoch, logs=None):

@@ -140,7 +140,8 @@ def check_resumable(saved: TrainConfig, cfg: TrainConfig) -> None:
         details = "; ".join(f"--{d}: {getattr(saved, d)!r} there, {getattr(cfg, d)!r} now"
                             for d in diff)
         raise ConfigError(f"--model_dir={cfg.model_dir} holds a run with another configuration "
-                          f"({details}); use a new --model_dir or the same flags to resume")
+                          f"({details}); use a new --model_dir, the same flags to resume, or "
+                          "--overwrite to delete the old run")
 
 
 def with_data(cfg: TrainConfig, channels: int, num_examples: int, **fields) -> TrainConfig:

@@ -44,11 +44,10 @@ class RunLogger(keras.callbacks.Callback):
                  steps_per_epoch: int, learning_rate: float, log_every_s: float = 60.0):
         super().__init__()
         self.batch_size, self.steps_per_epoch = batch_size, steps_per_epoch
-        self.log_every_s, self._last_log, self._epoch = log_every_s, 0.0, 0
+        self.log_every_s, self._last_log, self._epoch, self._steps = log_every_s, 0.0, 0, 0
         self.path = os.path.join(model_dir, "metrics.jsonl")
         self.writer = tf.summary.create_file_writer(os.path.join(model_dir, "logs"))
         self.recluster = recluster
-        self.images = batch_size * steps_per_epoch
         self.learning_rate = learning_rate
         self._train_start = 0.0
 
@@ -58,6 +57,7 @@ class RunLogger(keras.callbacks.Callback):
         self._epoch = epoch
 
     def on_train_batch_end(self, batch, logs=None):
+        self._steps = batch + 1
         now = time.time()
         if now - self._last_log > self.log_every_s:
             self._last_log = now
@@ -74,7 +74,8 @@ class RunLogger(keras.callbacks.Callback):
         row = {"epoch": epoch, "loss": float(logs["loss"]), "accuracy": float(logs["accuracy"]),
                **stats, "kmeans_loss": _finite_or_none(stats["kmeans_loss"]),
                "skipped_images": int(len(self.recluster.skipped)),
-               "time_train_s": seconds, "train_images_per_s": self.images / seconds,
+               "steps": self._steps, "time_train_s": seconds,
+               "train_images_per_s": self._steps * self.batch_size / seconds,
                "learning_rate": self.learning_rate}
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")

@@ -10,13 +10,14 @@ Re-running a command with the same --model_dir resumes from its last checkpoint.
 import math
 import os
 import sys
+from typing import Optional
 
 import keras
 import numpy as np
 import tensorflow as tf
 from absl import app, flags, logging
 
-from dc_tf import config, data, models, train_flags
+from dc_tf import config, data, models, run_dir, train_flags
 from dc_tf.checkpoint import CheckpointCallback, NonFiniteLossError, RunCheckpoint
 from dc_tf.data import pipelines
 from dc_tf.export import export_saved_model
@@ -26,20 +27,20 @@ from dc_tf.recluster import (Clusterer, FinalClustering, FixedLabelsCallback,
                              ReclusterCallback)
 
 
-def run(cfg: config.TrainConfig) -> config.TrainConfig:
+def run(cfg: config.TrainConfig, overwrite: bool = False) -> config.TrainConfig:
     """Trains DeepCluster as configured and exports the backbone to MODEL_DIR/export.
 
+    Args:
+      cfg: a validated configuration.
+      overwrite: delete a run with another configuration found in MODEL_DIR instead of refusing.
     Returns:
       The resolved configuration (with the dataset's channels and size), as in config.json.
     """
     # ---------------------------------------------------------------- data and checks
     source = data.open_source(cfg.dataset, cfg.data_dir, cfg.max_examples)
-    if cfg.supervised:
-        labels = data.all_labels(source)
-        cfg = config.with_data(cfg, source.channels, source.num_examples,
-                               num_clusters=int(labels.max()) + 1)
-    else:
-        cfg = config.with_data(cfg, source.channels, source.num_examples)
+    labels = data.all_labels(source) if cfg.supervised else None
+    classes = {"num_clusters": int(labels.max()) + 1} if cfg.supervised else {}
+    cfg = config.with_data(cfg, source.channels, source.num_examples, **classes)
     keras.utils.set_random_seed(cfg.seed)
     try:
         backbone = models.build_backbone(cfg.arch, cfg.image_size, cfg.channels, cfg.sobel,
@@ -55,14 +56,17 @@ def run(cfg: config.TrainConfig) -> config.TrainConfig:
                             cfg.num_examples, cfg.num_clusters)
 
     # ---------------------------------------------------------------- model_dir
+    with run_dir.RunLock(cfg.model_dir):
+        run_dir.claim(cfg, overwrite)
+        _train(cfg, source, backbone, labels)
+    return cfg
+
+
+def _train(cfg: config.TrainConfig, source: data.Source, backbone: keras.Model,
+           labels: Optional[np.ndarray]) -> None:
+    """The run itself, in a claimed and locked model_dir."""
     model_dir = cfg.model_dir
-    os.makedirs(model_dir, exist_ok=True)
-    config_path = os.path.join(model_dir, "config.json")
-    if os.path.exists(config_path):
-        with open(config_path) as f:
-            config.check_resumable(config.TrainConfig.from_json(f.read()), cfg)
-    with open(config_path, "w") as f:
-        f.write(cfg.to_json())
+    cluster_endpoint = models.cluster_endpoint(cfg.arch)
     index_map = os.path.join(model_dir, "examples.tsv")
     if not os.path.exists(index_map):
         data.write_index_map(source, index_map)
@@ -121,6 +125,10 @@ def run(cfg: config.TrainConfig) -> config.TrainConfig:
             f"the loss became non-finite in epoch {saver.diverged_at}; the checkpoint of the last "
             f"good epoch is intact in {model_dir}/checkpoints. Lower --learning_rate (now "
             f"{cfg.learning_rate}) and re-run the same command to resume from it.")
+    if saver.preempted:
+        logging.warning("stopped by SIGTERM: the checkpoint after epoch %d is saved; re-run the "
+                        "same command to continue", int(checkpoint.epochs_done) - 1)
+        return
     if len(labeller.skipped):
         data.write_skipped(source, labeller.skipped, os.path.join(model_dir, "skipped.tsv"))
         logging.warning("%d unreadable images were skipped (listed with the reason in "
@@ -134,7 +142,6 @@ def run(cfg: config.TrainConfig) -> config.TrainConfig:
     path = export_saved_model(backbone, os.path.join(model_dir, "export"), cfg.image_size,
                               cfg.channels, cluster_endpoint, final)
     logging.info("exported the backbone to %s", path)
-    return cfg
 
 
 def main(argv):
@@ -142,7 +149,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     try:
         cfg = config.validate(train_flags.config_from_flags())
-        run(cfg)
+        run(cfg, overwrite=flags.FLAGS.overwrite)
     except (config.ConfigError, data.DatasetNotFoundError, NonFiniteLossError) as e:
         logging.error("%s", e)
         sys.exit(f"error: {e}")

@@ -43,6 +43,9 @@ flags.DEFINE_float("weight_decay", _D.weight_decay, "Coupled L2 coefficient (pap
 flags.DEFINE_integer("reassign", _D.reassign, "Epochs between two reclusterings (paper: 1).")
 flags.DEFINE_integer("seed", _D.seed, "One seed for everything (paper: 31).")
 flags.DEFINE_string("model_dir", _D.model_dir, "Output folder; re-running with it resumes.")
+flags.DEFINE_bool("overwrite", False,
+                  "Delete a run with another configuration found in --model_dir instead of "
+                  "refusing to start.")
 flags.DEFINE_bool("supervised", _D.supervised,
                   "Baseline: train on the dataset's labels (one output per class, --num_clusters "
                   "ignored) with the same network, sampling and budget. --epochs=0 exports the "

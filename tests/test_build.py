@@ -31,10 +31,10 @@ def test_every_module_is_listed():
 def test_every_test_is_a_py_test_target():
     text = _build_text()
     # Tests are declared by a glob over tests/test_*.py inside a py_test comprehension.
-    comprehension = re.search(r'\[py_test\((.*?)\) for test in glob\(\["tests/test_\*\.py"\]\)\]',
-                              text, re.S)
+    comprehension = re.search(
+        r'\[py_test\((.*?)\) for test in glob\(\["tests/\*\*/test_\*\.py"\]\)\]', text, re.S)
     assert comprehension and "srcs = [test]" in comprehension.group(1)
-    tests = glob.glob(os.path.join(ROOT, "tests", "test_*.py"))
+    tests = glob.glob(os.path.join(ROOT, "tests", "**", "test_*.py"), recursive=True)
     assert tests, "no tests found"
     support = {os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "tests", "*.py"))
                if not os.path.basename(p).startswith("test_")}
