@@ -30,6 +30,7 @@ class _FeatureModule(tf.Module):
                  cluster_endpoint: Optional[str], final: Optional[FinalClustering]):
         super().__init__(name="dc_tf_export")
         self.backbone = backbone
+        self.size, self.channels = image_size, channels
         spec = tf.TensorSpec([None, image_size, image_size, channels], tf.uint8, name="images")
         self.serve = tf.function(self._serve, input_signature=[spec])
         if final is not None:
@@ -39,12 +40,25 @@ class _FeatureModule(tf.Module):
             self.centroids = tf.Variable(final.centroids, trainable=False, name="centroids")
             self.assign = tf.function(self._assign, input_signature=[spec])
 
+    def _checked(self, images):
+        """float32 images, after checks that turn a malformed input into a clear error rather
+        than a crash inside a convolution kernel (a signature checks only the dtype)."""
+        expected = f"expected uint8 images [batch > 0, {self.size}, {self.size}, {self.channels}]"
+        # The signature's static shape says rank 4 whatever is fed, so tf.rank would be folded
+        # to 4: read the runtime shape, zero-padded to 4 entries, and count the elements.
+        shape = tf.pad(tf.shape(images), [[0, 4]])[:4]
+        ok = (tf.reduce_all(tf.equal(shape[1:], [self.size, self.size, self.channels]))
+              & (shape[0] > 0) & tf.equal(tf.size(images), tf.reduce_prod(shape)))
+        check = tf.debugging.Assert(ok, [expected, "got shape", tf.shape(images)])
+        with tf.control_dependencies([check]):
+            return tf.cast(images, tf.float32)
+
     def _serve(self, images):
-        outputs = self.backbone(tf.cast(images, tf.float32), training=False)
+        outputs = self.backbone(self._checked(images), training=False)
         return {name: tf.identity(value, name=name) for name, value in outputs.items()}
 
     def _assign(self, images):
-        x = self.backbone(tf.cast(images, tf.float32), training=False)[self.cluster_endpoint]
+        x = self.backbone(self._checked(images), training=False)[self.cluster_endpoint]
         z = tf.matmul(x - self.pca_mean, self.pca_matrix)
         # As clustering.l2_normalize: x / (||x|| + 1e-10).
         z = z / (tf.norm(z, axis=1, keepdims=True) + 1e-10)
