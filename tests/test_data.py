@@ -132,3 +132,20 @@ def test_center_crop_of_an_image_already_at_size_is_the_identity():
     image = np.random.default_rng(1).integers(0, 255, (32, 32, 1), dtype=np.uint8)
     out = transforms.center_crop(tf.constant(image), 32, 32).numpy()
     np.testing.assert_allclose(out, image.astype(np.float32), atol=1e-3)
+
+
+def test_folder_source_handles_links_odd_names_animations_and_tiny_images(tmp_path):
+    from PIL import Image
+    write_image(f"{tmp_path}/a/ünïcode 図.png", (30, 30), "RGB")
+    write_image(f"{tmp_path}/a/one_pixel.png", (1, 1), "L")
+    frames = [Image.new("RGB", (20, 20), (i * 60, 0, 0)) for i in range(3)]
+    frames[0].save(f"{tmp_path}/a/animated.gif", save_all=True, append_images=frames[1:])
+    os.symlink(tmp_path, f"{tmp_path}/a/loop")      # a symlink loop
+    os.symlink(f"{tmp_path}/a", f"{tmp_path}/b")    # the same folder twice
+    source = data.open_source(f"folder:{tmp_path}")
+    assert sorted(source.paths) == sorted(os.path.join("a", n) for n in (
+        "ünïcode 図.png", "one_pixel.png", "animated.gif"))
+    (x, idx, _), = list(pipelines.feature_dataset(source, 36, 32, batch_size=8))
+    assert sorted(idx.numpy()) == [0, 1, 2] and x.shape == (3, 32, 32, 3)
+    gif = x[list(idx.numpy()).index(source.paths.index(os.path.join("a", "animated.gif")))]
+    assert float(tf.reduce_mean(gif[..., 0])) < 1.0  # the first frame (red = 0), not a later one

@@ -132,10 +132,15 @@ def _folder(root: str) -> Source:
     root = os.path.expanduser(root)
     if not os.path.isdir(root):
         raise DatasetNotFoundError(f"--dataset=folder:{root}: no such folder")
-    paths = sorted(
-        os.path.relpath(os.path.join(d, f), root)
-        for d, _, files in os.walk(root, followlinks=True) for f in files
-        if f.lower().endswith(IMAGE_EXTENSIONS))
+    paths, visited = [], {os.path.realpath(root)}
+    for d, dirs, files in os.walk(root, followlinks=True):
+        # Linked folders are followed, each real folder once: a symlink loop ends here.
+        dirs.sort()
+        real = [os.path.realpath(os.path.join(d, x)) for x in dirs]
+        dirs[:] = [x for x, r in zip(dirs, real) if r not in visited and not visited.add(r)]
+        paths += [os.path.relpath(os.path.join(d, f), root) for f in files
+                  if f.lower().endswith(IMAGE_EXTENSIONS)]
+    paths.sort()
     if not paths:
         raise DatasetNotFoundError(f"--dataset=folder:{root}: no image files "
                                    f"({', '.join(IMAGE_EXTENSIONS)}) below it")
