@@ -10,7 +10,9 @@ import json
 
 ARCHS = ("alexnet", "vgg16", "resnet50", "small_vgg")
 CLUSTERINGS = ("kmeans", "pic")
-RESUMABLE_CHANGES = ("epochs", "learning_rate")
+# What may differ between a model_dir's run and the command resuming it (the folder's own path
+# may be spelled differently: relative, absolute, through a link).
+RESUMABLE_CHANGES = ("epochs", "learning_rate", "model_dir")
 
 
 @dataclasses.dataclass(frozen=True)
