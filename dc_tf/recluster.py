@@ -211,7 +211,8 @@ class ReclusterCallback(keras.callbacks.Callback):
                      self.clusterer.method, int(fp.present.sum()), fp.features.shape[1],
                      self.clusterer.k)
         start = time.time()
-        loss, empty = self._assign(fp.features, fp.present, epoch)
+        # A tensor epoch: a Python int would retrace the function every epoch.
+        loss, empty = self._assign(fp.features, fp.present, tf.constant(epoch, tf.int64))
         self.model.reset_head()
         labels = self.model.pseudo_labels.numpy()
         self.stats.update(
