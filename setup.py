@@ -22,6 +22,7 @@ setup(
         "tensorboard>=2.16",
         "scikit-learn>=1.3",
         "scipy>=1.11",
+        "matplotlib>=3.7",  # the pipelines' report plots
     ],
     extras_require={
         "gpu": ["faiss-gpu>=1.8", "tensorflow[and-cuda]>=2.16,<3"],

@@ -1,0 +1,272 @@
+"""The pipeline's report: probe tables, training curves, cluster sizes and the blessing.
+
+`write_report` writes report.md and report.html (the same content) and the PNG plots they link
+into one folder. Blessing follows TFX's Evaluator: each `Threshold` is a rule kept as data, e.g.
+Threshold("DeepCluster", "knn_top1", baseline="Random", margin=0.01) for "DeepCluster kNN top-1
+>= Random + 1 point", and the report states pass or fail for each.
+"""
+
+import dataclasses
+import datetime
+import glob
+import html
+import json
+import os
+import re
+
+import matplotlib
+import numpy as np
+
+matplotlib.use("Agg")  # files only; no display on build machines
+import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from dc_tf.config import ConfigError  # noqa: E402
+from eval.linear_probe import markdown_table  # noqa: E402
+
+# Metric name -> where it sits in a model's record of eval.linear_probe's JSON.
+_MODEL_METRICS = {"knn_top1": ("knn", "top1"), "knn_top5": ("knn", "top5"),
+                  "nmi": ("clustering", "nmi"), "ari": ("clustering", "ari"),
+                  "acc": ("clustering", "acc")}
+_LAYER_METRICS = ("top1_best", "top1_last", "top5_best", "top5_last")  # as "top1_best:conv3"
+
+
+@dataclasses.dataclass(frozen=True)
+class Threshold:
+    """metric(model) >= metric(baseline) + margin, or metric(model) >= margin without baseline.
+
+    Metrics are fractions as in the probe JSON (margin 0.01 = one point): knn_top1, knn_top5,
+    nmi, ari, acc, or top1_best / top1_last / top5_best / top5_last followed by ":LAYER".
+    `probe` names the probe table (default: the first).
+    """
+    model: str
+    metric: str
+    baseline: str = ""
+    margin: float = 0.0
+    probe: str = ""
+
+    def __post_init__(self):
+        kind, _, layer = self.metric.partition(":")
+        if self.metric not in _MODEL_METRICS and not (kind in _LAYER_METRICS and layer):
+            raise ConfigError(f"threshold metric {self.metric!r}: use one of "
+                              f"{', '.join(_MODEL_METRICS)} or top1_best:LAYER (also top1_last, "
+                              "top5_best, top5_last)")
+
+    def describe(self) -> str:
+        target = f"{self.baseline} {self.metric} + {self.margin:g}" if self.baseline else (
+            f"{self.margin:g}")
+        return f"{self.model} {self.metric} >= {target}"
+
+
+def metric_value(probe_report: dict, model: str, metric: str) -> float:
+    """The metric of one model in eval.linear_probe's JSON; ConfigError naming what exists."""
+    rows = {row["name"]: row for row in probe_report["models"]}
+    if model not in rows:
+        raise ConfigError(f"threshold model {model!r} is not in the probe table; its models are "
+                          f"{', '.join(rows)}")
+    row = rows[model]
+    if metric in _MODEL_METRICS:
+        group, key = _MODEL_METRICS[metric]
+        return float(row[group][key])
+    kind, _, layer = metric.partition(":")
+    if layer not in row["probes"]:
+        raise ConfigError(f"threshold metric {metric!r}: {model} has no probe on {layer}; its "
+                          f"probed layers are {', '.join(row['probes'])}")
+    return float(row["probes"][layer][kind])
+
+
+def check_threshold(threshold: Threshold, probe_reports: dict) -> dict:
+    """{"rule", "value", "target", "passed"} of one threshold against {title: probe JSON}."""
+    title = threshold.probe or next(iter(probe_reports))
+    if title not in probe_reports:
+        raise ConfigError(f"threshold probe {title!r}: the probe tables are "
+                          f"{', '.join(probe_reports)}")
+    probe_report = probe_reports[title]
+    value = metric_value(probe_report, threshold.model, threshold.metric)
+    target = threshold.margin + (metric_value(probe_report, threshold.baseline, threshold.metric)
+                                 if threshold.baseline else 0.0)
+    return {"rule": threshold.describe(), "probe": title, "value": value, "target": target,
+            "passed": value >= target}
+
+
+# ------------------------------------------------------------------------------ training runs
+
+def read_metrics(model_dir: str) -> list:
+    """The rows of MODEL_DIR/metrics.jsonl ([] for a run without epochs, e.g. Random)."""
+    path = os.path.join(model_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def last_assignment(model_dir: str):
+    """(epoch, int32 [N] pseudo-labels) of the last epoch of a DeepCluster run, else None.
+
+    Supervised runs are skipped: their "assignments" are the ground-truth labels.
+    """
+    with open(os.path.join(model_dir, "config.json")) as f:
+        if json.load(f).get("supervised"):
+            return None
+    files = sorted(glob.glob(os.path.join(model_dir, "assignments", "epoch_*.npy")))
+    if not files:
+        return None
+    epoch = int(re.search(r"epoch_(\d+)\.npy$", files[-1]).group(1))
+    return epoch, np.load(files[-1])
+
+
+def _plot(path: str, title: str, xlabel: str, ylabel: str, series: list, log_y=False) -> str:
+    """One line per (label, x, y) in series, saved as a PNG; returns the file name."""
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for label, x, y in series:
+        ax.plot(x, y, marker="o" if len(x) < 30 else None, label=label)
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs, ranks
+    if log_y:
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return os.path.basename(path)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^\w]+", "_", text).strip("_").lower()
+
+
+# ------------------------------------------------------------------------------ the report
+
+def write_report(out_dir: str, title: str, probe_reports: dict, runs: dict, thresholds: list,
+                 planned: list) -> str:
+    """Writes report.md, report.html and the plots into out_dir; returns report.md's path.
+
+    Args:
+      probe_reports: table title -> eval.linear_probe's JSON (dict).
+      runs: model label -> a dc_tf.train model_dir.
+      thresholds: Threshold rules; planned: lines on evaluations this version does not run.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    for stale in glob.glob(os.path.join(out_dir, "*.png")):
+        os.remove(stale)  # a plot this run does not draw must not be linked from an old one
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    blocks = [("h1", title), ("p", f"Written {stamp} by pipelines.report.")]
+
+    checks = [check_threshold(t, probe_reports) for t in thresholds]
+    blocks.append(("h2", "Blessing"))
+    if checks:
+        passed = sum(c["passed"] for c in checks)
+        verdict = "BLESSED" if passed == len(checks) else "NOT BLESSED"
+        blocks += [("p", f"{verdict}: {passed} of {len(checks)} thresholds pass."),
+                   ("table", ["rule", "probe", "value", "target", "result"],
+                    [[c["rule"], c["probe"], f"{c['value']:.4f}", f"{c['target']:.4f}",
+                      "PASS" if c["passed"] else "FAIL"] for c in checks])]
+    else:
+        blocks.append(("p", "No thresholds are set for this pipeline."))
+
+    for probe_title, probe_report in probe_reports.items():
+        blocks += [("h2", f"Linear probes: {probe_title}"), ("md", markdown_table(probe_report))]
+        series = []
+        for row in probe_report["models"]:
+            layers = list(row["probes"])
+            series.append((row["name"], layers,
+                           [100 * row["probes"][layer]["top1_best"] for layer in layers]))
+        name = _plot(os.path.join(out_dir, f"probe_{_slug(probe_title)}.png"),
+                     f"Linear probe top-1 per layer ({probe_title})", "layer",
+                     "top-1 % (best epoch)", series)
+        blocks.append(("img", name, f"probe top-1 per layer, {probe_title}"))
+
+    blocks.append(("h2", "Training"))
+    metrics = {label: read_metrics(path) for label, path in runs.items()}
+    keys = ["loss", "nmi_labels", "nmi_prev", "empty_clusters"]
+    blocks.append(("table", ["model", "epochs", *keys],
+                   [[label, str(len(rows)), *("-" if not rows or rows[-1].get(k) is None else
+                                              f"{rows[-1][k]:.4g}" for k in keys)]
+                    for label, rows in metrics.items()]))
+    blocks.append(("p", "Last epoch of each run's metrics.jsonl; a run without epochs (Random) "
+                        "has none."))
+    nmi = [(f"{label} {key}", [r["epoch"] for r in rows if r.get(key) is not None],
+            [r[key] for r in rows if r.get(key) is not None])
+           for label, rows in metrics.items() for key in ("nmi_labels", "nmi_prev")]
+    nmi = [s for s in nmi if s[1]]
+    if nmi:
+        blocks.append(("img", _plot(os.path.join(out_dir, "nmi.png"), "NMI over epochs", "epoch",
+                                    "NMI", nmi), "NMI with labels and with the previous epoch"))
+    loss = [(label, [r["epoch"] for r in rows], [r["loss"] for r in rows])
+            for label, rows in metrics.items() if rows]
+    if loss:
+        blocks.append(("img", _plot(os.path.join(out_dir, "loss.png"), "Training loss", "epoch",
+                                    "loss", loss), "training loss"))
+    sizes = []
+    for label, path in runs.items():
+        last = last_assignment(path)
+        if last is not None:
+            counts = np.bincount(last[1][last[1] >= 0])
+            counts = np.sort(counts[counts > 0])[::-1]
+            sizes.append((f"{label} (epoch {last[0]})", np.arange(1, len(counts) + 1), counts))
+    if sizes:
+        blocks.append(("img", _plot(os.path.join(out_dir, "cluster_sizes.png"),
+                                    "Cluster sizes at the last epoch", "cluster (largest first)",
+                                    "images", sizes, log_y=True), "cluster-size distribution"))
+
+    if planned:
+        blocks += [("h2", "Not in this version"), ("ul", list(planned))]
+
+    path = os.path.join(out_dir, "report.md")
+    for name, text in (("report.md", _markdown(blocks)), ("report.html", _html(title, blocks))):
+        with open(os.path.join(out_dir, name + ".tmp"), "w") as f:
+            f.write(text)
+        os.replace(os.path.join(out_dir, name + ".tmp"), os.path.join(out_dir, name))
+    return path
+
+
+def _markdown(blocks: list) -> str:
+    out = []
+    for kind, *args in blocks:
+        if kind in ("h1", "h2"):
+            out.append("#" * int(kind[1]) + " " + args[0])
+        elif kind in ("p", "md"):
+            out.append(args[0])
+        elif kind == "table":
+            header, rows = args
+            out.append("\n".join(["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+                                 + ["| " + " | ".join(row) + " |" for row in rows]))
+        elif kind == "img":
+            out.append(f"![{args[1]}]({args[0]})")
+        elif kind == "ul":
+            out.append("\n".join(f"- {item}" for item in args[0]))
+    return "\n\n".join(out) + "\n"
+
+
+def _html_table(header: list, rows: list) -> str:
+    def cells(row, tag):
+        return "".join(f"<{tag}>{html.escape(c)}</{tag}>" for c in row)
+    return ("<table><tr>" + cells(header, "th") + "</tr>"
+            + "".join(f"<tr>{cells(row, 'td')}</tr>" for row in rows) + "</table>")
+
+
+def _html(title: str, blocks: list) -> str:
+    out = []
+    for kind, *args in blocks:
+        if kind in ("h1", "h2"):
+            out.append(f"<{kind}>{html.escape(args[0])}</{kind}>")
+        elif kind == "p":
+            out.append(f"<p>{html.escape(args[0])}</p>")
+        elif kind == "md":  # markdown_table: a caption paragraph, then a pipe table
+            lines = args[0].splitlines()
+            text = " ".join(line for line in lines if line and not line.startswith("|"))
+            rows = [[c.strip() for c in line.strip("|").split("|")]
+                    for line in lines if line.startswith("|") and not line.startswith("|---")]
+            out.append(f"<p>{html.escape(text)}</p>" + _html_table(rows[0], rows[1:]))
+        elif kind == "table":
+            out.append(_html_table(*args))
+        elif kind == "img":
+            out.append(f'<p><img src="{html.escape(args[0])}" alt="{html.escape(args[1])}"></p>')
+        elif kind == "ul":
+            out.append("<ul>" + "".join(f"<li>{html.escape(i)}</li>" for i in args[0]) + "</ul>")
+    style = ("body{font-family:sans-serif;max-width:60em;margin:auto}table{border-collapse:"
+             "collapse}td,th{border:1px solid #ccc;padding:2px 6px}")
+    return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}"
+            f"</title><style>{style}</style></head><body>\n" + "\n".join(out)
+            + "\n</body></html>\n")
