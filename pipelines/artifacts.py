@@ -10,6 +10,7 @@ final_clustering.json, the names and sizes of assignments/*) but not its checkpo
 serve resuming and would cost seconds per gigabyte to hash at ImageNet scale.
 """
 
+import abc
 import dataclasses
 import hashlib
 import os
@@ -40,15 +41,16 @@ def _hash_tree(root: str, names=None) -> str:
 
 
 @dataclasses.dataclass(frozen=True)
-class Artifact:
+class Artifact(abc.ABC):
     """A typed path. Subclasses say what their fingerprint covers."""
     path: str
 
     def exists(self) -> bool:
         return os.path.exists(self.path)
 
+    @abc.abstractmethod
     def fingerprint(self) -> str:
-        raise NotImplementedError(type(self).__name__)
+        """A digest that changes when the artifact's content does."""
 
     def record(self) -> dict:
         """The JSON form kept in metadata.json."""

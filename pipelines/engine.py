@@ -11,6 +11,7 @@ components that consume its outputs; re-running the pipeline retries it, and tra
 from its model_dir checkpoints.
 """
 
+import abc
 import dataclasses
 import datetime
 import hashlib
@@ -34,7 +35,7 @@ class Channel:
     key: str
 
 
-class Component:
+class Component(abc.ABC):
     """A pipeline step: typed outputs under ROOT/<name>/, produced by a library function.
 
     Subclasses set OUTPUTS (key -> (artifact class, path relative to the component folder)) and
@@ -56,12 +57,13 @@ class Component:
         """key -> DatasetRef read by this component; checked before the pipeline starts."""
         return {}
 
+    @abc.abstractmethod
     def resolve(self, out_dir: str, inputs: dict) -> dict:
         """The complete configuration (JSON-able) that `execute` runs and the cache key hashes."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def execute(self, config: dict, inputs: dict, outputs: dict) -> None:
-        raise NotImplementedError
+        """Produces the outputs from the inputs as `config` says."""
 
 
 @dataclasses.dataclass(frozen=True)
