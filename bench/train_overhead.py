@@ -54,7 +54,8 @@ def plain_fit(cfg, epochs: int) -> float:
         def on_epoch_end(self, epoch, logs=None):
             times.append(time.time() - self.start)
 
-    model.fit(ds, epochs=epochs, steps_per_epoch=steps, callbacks=[Timer()], verbose=0)
+    model.fit(ds, epochs=epochs, steps_per_epoch=steps, callbacks=[Timer()], shuffle=False,
+              verbose=0)
     return steps * cfg.batch_size * (epochs - 1) / sum(times[1:])
 
 

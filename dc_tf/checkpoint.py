@@ -67,7 +67,9 @@ class CheckpointCallback(keras.callbacks.Callback):
         signal.signal(signal.SIGTERM, self._previous_handler or signal.SIG_DFL)
 
     def on_train_batch_end(self, batch, logs=None):
-        if self.preempted or (logs and not math.isfinite(float(logs["loss"]))):
+        # Only the flag: reading the loss here would wait for every step to finish on the host.
+        # A non-finite loss is caught at the end of the epoch, which is then not saved.
+        if self.preempted:
             self.model.stop_training = True
 
     def on_epoch_end(self, epoch, logs=None):
