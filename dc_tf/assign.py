@@ -21,7 +21,7 @@ import tensorflow as tf
 from absl import app, flags, logging
 
 from dc_tf import data
-from dc_tf.data import pipelines
+from dc_tf.data import pipelines, transforms
 
 
 def _resize_size(model: str, image_size: int) -> int:
@@ -29,7 +29,7 @@ def _resize_size(model: str, image_size: int) -> int:
     if os.path.exists(path):
         with open(path) as f:
             return json.load(f)["resize_size"]
-    return round(image_size * 256 / 224)  # the paper's ratio
+    return transforms.default_resize_size(image_size)
 
 
 def assign_images(model: str, dataset: str, output: str, batch_size: int = 256) -> dict:

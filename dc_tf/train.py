@@ -58,15 +58,14 @@ def run(cfg: config.TrainConfig, overwrite: bool = False) -> config.TrainConfig:
     # ---------------------------------------------------------------- model_dir
     with run_dir.RunLock(cfg.model_dir):
         run_dir.claim(cfg, overwrite)
-        _train(cfg, source, backbone, labels)
+        _train(cfg, source, backbone, cluster_endpoint, labels)
     return cfg
 
 
 def _train(cfg: config.TrainConfig, source: data.Source, backbone: keras.Model,
-           labels: Optional[np.ndarray]) -> None:
+           cluster_endpoint: str, labels: Optional[np.ndarray]) -> None:
     """The run itself, in a claimed and locked model_dir."""
     model_dir = cfg.model_dir
-    cluster_endpoint = models.cluster_endpoint(cfg.arch)
     index_map = os.path.join(model_dir, "examples.tsv")
     if not os.path.exists(index_map):
         data.write_index_map(source, index_map)

@@ -50,6 +50,7 @@ from absl import app, flags, logging
 from dc_tf import data
 from dc_tf.clustering import kmeans, l2_normalize
 from dc_tf.config import ConfigError
+from dc_tf.data import transforms
 from eval import metrics
 from eval.features import (ExportedBackbone, FeatureStore, Progress, SplitFeatures,
                            extract_features, view_dataset)
@@ -257,7 +258,7 @@ def _plan(backbone: ExportedBackbone, cfg: ProbeConfig) -> tuple:
     if not layers:
         raise ConfigError(f"{backbone.path} has no conv* endpoint; pass --layers")
     size = backbone.image_size
-    resize_size = cfg.resize_size or (round(size * 256 / 224) if size >= 224 else size)
+    resize_size = cfg.resize_size or transforms.default_resize_size(size)
     if resize_size < size:
         raise ConfigError(f"--resize_size={resize_size} is below the export's image size {size}")
     return tuple(layers), knn_layer, cluster_layer, resize_size

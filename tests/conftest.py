@@ -23,6 +23,14 @@ def config_from_flagfile(flagfile: str, *args: str) -> config.TrainConfig:
         os.chdir(cwd)
 
 
+def folder_smoke_config(root, model_dir, *args: str) -> config.TrainConfig:
+    """flags/smoke.cfg on a small folder of images: every file, k=3, PCA to 8, one epoch."""
+    return config_from_flagfile(
+        "smoke.cfg", f"--dataset=folder:{root}", f"--model_dir={model_dir}", "--max_examples=0",
+        "--num_clusters=3", "--pca_dim=8", "--batch_size=8", "--epochs=1", "--resize_size=36",
+        "--mean=0.5", "--std=0.25", *args)
+
+
 def write_image(path: str, size=(40, 30), mode="RGB", fmt=None, seed=0) -> str:
     """Writes a random image with PIL in the given mode and format (from the extension)."""
     from PIL import Image

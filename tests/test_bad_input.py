@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import ROOT, write_image
+from conftest import ROOT, folder_smoke_config, write_image
 from dc_tf import config, data, train
 from dc_tf.checkpoint import NonFiniteLossError
 from dc_tf.model import DeepClusterModel
@@ -78,11 +78,7 @@ def test_unreadable_images_are_skipped_counted_and_excluded(tmp_path):
     open(f"{root}/c0/zero.jpg", "wb").close()
     with open(f"{root}/c1/text.png", "w") as f:
         f.write("hello")
-    from conftest import config_from_flagfile
-    cfg = config_from_flagfile(
-        "smoke.cfg", f"--dataset=folder:{root}", f"--model_dir={tmp_path}/run",
-        "--max_examples=0", "--num_clusters=3", "--pca_dim=8", "--batch_size=8", "--epochs=1",
-        "--resize_size=36", "--mean=0.5", "--std=0.25")
+    cfg = folder_smoke_config(root, f"{tmp_path}/run")
     cfg = train.run(cfg)
     assert cfg.num_examples == 26
     row = json.loads(open(f"{cfg.model_dir}/metrics.jsonl").readline())

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import ROOT, config_from_flagfile, write_image
+from conftest import ROOT, folder_smoke_config, write_image
 from dc_tf import clusters, train
 
 
@@ -22,10 +22,7 @@ def folder_run(tmp_path_factory):
     open(f"{root}/class0/batch0/broken.jpg", "wb").close()
     with open(f"{root}/class2/notes.jpg", "w") as f:
         f.write("not a picture")
-    cfg = config_from_flagfile(
-        "smoke.cfg", f"--dataset=folder:{root}", f"--model_dir={root.parent}/run",
-        "--max_examples=0", "--num_clusters=3", "--pca_dim=8", "--batch_size=8", "--epochs=1",
-        "--resize_size=36", "--mean=0.5", "--std=0.25")
+    cfg = folder_smoke_config(root, f"{root.parent}/run")
     return root, train.run(cfg)
 
 

@@ -7,6 +7,12 @@ so the exported SavedModel applies them too.
 import tensorflow as tf
 
 
+def default_resize_size(image_size: int) -> int:
+    """The feature-pass resize for a crop of `image_size` when none is given: the paper's
+    256/224 ratio for ImageNet-sized crops; small images (Fashion-MNIST) are not upscaled."""
+    return round(image_size * 256 / 224) if image_size >= 224 else image_size
+
+
 def center_crop(image: tf.Tensor, resize_size: int, image_size: int) -> tf.Tensor:
     """Feature-pass view: resize the shorter side to `resize_size`, centre-crop `image_size`.
 
