@@ -5,14 +5,25 @@ runs the backbone in inference mode (normalisation and Sobel are layers of the b
 returns every named endpoint. When the run has a final clustering, a second signature `assign`
 puts images into its clusters: the clustering feature, PCA-whitened and L2-normalised as k-means
 saw it (`embedding`), its nearest centroid (`cluster`, int32) and the L2 distance to it
-(`distance`). The whitening and the centroids are variables of the SavedModel. It loads with
-`tf.saved_model.load` in a process that has never imported dc_tf, and it contains no
-numpy_function.
+(`distance`). The whitening and the centroids are variables of the SavedModel.
+
+A third signature, `conv_features`, takes uint8 images of any height and width (at least the
+architecture's minimum, e.g. 1024-px photographs for retrieval or detection) and returns the
+convolutional endpoints only (the fully connected ones need the training size). Evaluators that
+fine-tune read the backbone's weights from the attribute `backbone_trainable_variables`: the
+signatures are differentiable with respect to them (batch normalisation in inference mode).
+
+It loads with `tf.saved_model.load` in a process that has never imported dc_tf, and it contains
+no numpy_function.
 
     m = tf.saved_model.load("MODEL_DIR/export")
     feats = m.signatures["serving_default"](images=tf.constant(uint8_images))
     feats["fc7"], feats["conv5"], ...
     m.signatures["assign"](images=tf.constant(uint8_images))["cluster"]
+    m.signatures["conv_features"](images=tf.constant(big_uint8_images))["conv5"]
+    with tf.GradientTape() as tape:
+        loss = ...(m.signatures["serving_default"](images=x)["fc7"])
+    grads = tape.gradient(loss, list(m.backbone_trainable_variables))
 """
 
 import os
@@ -26,13 +37,18 @@ from dc_tf.recluster import FinalClustering
 
 
 class _FeatureModule(tf.Module):
-    def __init__(self, backbone: keras.Model, image_size: int, channels: int,
+    def __init__(self, backbone: keras.Model, image_size: int, channels: int, min_size: int,
                  cluster_endpoint: Optional[str], final: Optional[FinalClustering]):
         super().__init__(name="dc_tf_export")
         self.backbone = backbone
-        self.size, self.channels = image_size, channels
+        self.backbone_trainable_variables = list(backbone.trainable_variables)
+        self.size, self.channels, self.min_size = image_size, channels, min_size
         spec = tf.TensorSpec([None, image_size, image_size, channels], tf.uint8, name="images")
         self.serve = tf.function(self._serve, input_signature=[spec])
+        conv = {name: out for name, out in backbone.output.items() if len(out.shape) == 4}
+        self.conv_backbone = keras.Model(backbone.input, conv, name=f"{backbone.name}_conv")
+        any_size = tf.TensorSpec([None, None, None, channels], tf.uint8, name="images")
+        self.conv_features = tf.function(self._conv_features, input_signature=[any_size])
         if final is not None:
             self.cluster_endpoint = cluster_endpoint
             self.pca_mean = tf.Variable(final.mean, trainable=False, name="pca_mean")
@@ -40,21 +56,31 @@ class _FeatureModule(tf.Module):
             self.centroids = tf.Variable(final.centroids, trainable=False, name="centroids")
             self.assign = tf.function(self._assign, input_signature=[spec])
 
-    def _checked(self, images):
+    def _checked(self, images, any_size: bool = False):
         """float32 images, after checks that turn a malformed input into a clear error rather
         than a crash inside a convolution kernel (a signature checks only the dtype)."""
-        expected = f"expected uint8 images [batch > 0, {self.size}, {self.size}, {self.channels}]"
         # The signature's static shape says rank 4 whatever is fed, so tf.rank would be folded
         # to 4: read the runtime shape, zero-padded to 4 entries, and count the elements.
         shape = tf.pad(tf.shape(images), [[0, 4]])[:4]
-        ok = (tf.reduce_all(tf.equal(shape[1:], [self.size, self.size, self.channels]))
-              & (shape[0] > 0) & tf.equal(tf.size(images), tf.reduce_prod(shape)))
+        ok = (shape[0] > 0) & tf.equal(tf.size(images), tf.reduce_prod(shape))
+        if any_size:
+            expected = (f"expected uint8 images [batch > 0, height >= {self.min_size}, "
+                        f"width >= {self.min_size}, {self.channels}]")
+            ok &= tf.reduce_all(shape[1:3] >= self.min_size) & tf.equal(shape[3], self.channels)
+        else:
+            expected = (f"expected uint8 images [batch > 0, {self.size}, {self.size}, "
+                        f"{self.channels}]")
+            ok &= tf.reduce_all(tf.equal(shape[1:], [self.size, self.size, self.channels]))
         check = tf.debugging.Assert(ok, [expected, "got shape", tf.shape(images)])
         with tf.control_dependencies([check]):
             return tf.cast(images, tf.float32)
 
     def _serve(self, images):
         outputs = self.backbone(self._checked(images), training=False)
+        return {name: tf.identity(value, name=name) for name, value in outputs.items()}
+
+    def _conv_features(self, images):
+        outputs = self.conv_backbone(self._checked(images, any_size=True), training=False)
         return {name: tf.identity(value, name=name) for name, value in outputs.items()}
 
     def _assign(self, images):
@@ -71,7 +97,7 @@ class _FeatureModule(tf.Module):
 
 
 def export_saved_model(backbone: keras.Model, path: str, image_size: int, channels: int,
-                       cluster_endpoint: Optional[str] = None,
+                       min_size: int, cluster_endpoint: Optional[str] = None,
                        final: Optional[FinalClustering] = None) -> str:
     """Writes the SavedModel to `path`, replacing any earlier export only once complete.
 
@@ -79,11 +105,12 @@ def export_saved_model(backbone: keras.Model, path: str, image_size: int, channe
       backbone: the network, mapping float32 [B, S, S, C] pixels in [0, 255] to named endpoints.
       path: output folder (MODEL_DIR/export).
       image_size, channels: S and C of the uint8 images the signatures accept.
+      min_size: the smallest height and width `conv_features` accepts (the architecture's).
       cluster_endpoint: the endpoint that was clustered (with `final`).
       final: the final clustering; adds the `assign` signature.
     """
-    module = _FeatureModule(backbone, image_size, channels, cluster_endpoint, final)
-    signatures = {"serving_default": module.serve}
+    module = _FeatureModule(backbone, image_size, channels, min_size, cluster_endpoint, final)
+    signatures = {"serving_default": module.serve, "conv_features": module.conv_features}
     if final is not None:
         signatures["assign"] = module.assign
     tmp = path.rstrip("/") + ".tmp"

@@ -139,7 +139,8 @@ def _train(cfg: config.TrainConfig, source: data.Source, backbone: keras.Model,
     if not cfg.supervised:
         final = FinalClustering.load(model_dir, cfg.epochs) or labeller.cluster_final(cfg.epochs)
     path = export_saved_model(backbone, os.path.join(model_dir, "export"), cfg.image_size,
-                              cfg.channels, cluster_endpoint, final)
+                              cfg.channels, models.min_image_size(cfg.arch), cluster_endpoint,
+                              final)
     logging.info("exported the backbone to %s", path)
 
 

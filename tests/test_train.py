@@ -68,9 +68,10 @@ def test_export_matches_the_trained_network_in_a_fresh_process(trained, tmp_path
     assert RunCheckpoint(model, os.path.join(cfg.model_dir, "checkpoints")).restore() == 2
     source = data.open_source(cfg.dataset, cfg.data_dir, cfg.num_examples)
     images = source.images  # 32x32 already: the feature pass's centre crop leaves them as they are
-    expected = backbone(images[:16].astype(np.float32), training=False)["fc7"].numpy()
+    expected = backbone(images[:16].astype(np.float32), training=False)
     final = np.load(os.path.join(cfg.model_dir, "assignments", "final.npy"))
-    np.savez(tmp_path / "io.npz", images=images, fc7=expected, final=final)
+    np.savez(tmp_path / "io.npz", images=images, fc7=expected["fc7"].numpy(),
+             conv3=expected["conv3"].numpy(), final=final)
     script = f"""
 import sys, numpy as np, tensorflow as tf
 m = tf.saved_model.load({os.path.join(cfg.model_dir, 'export')!r})
@@ -87,6 +88,18 @@ print("assign agrees with assignments/final.npy on", agree)
 assert agree >= 0.999, agree
 assert assigned["cluster"].dtype == tf.int32 and assigned["embedding"].shape == (512, 32)
 assert set(np.unique(assigned["cluster"].numpy())) <= set(np.unique(io["final"]))
+conv = m.signatures["conv_features"]
+assert sorted(conv(images=tf.constant(io["images"][:2]))) == ["conv1", "conv2", "conv3"]
+diff = np.abs(conv(images=tf.constant(io["images"][:16]))["conv3"].numpy() - io["conv3"]).max()
+assert diff < 1e-4, diff
+big = conv(images=tf.zeros([1, 48, 72, 1], tf.uint8))["conv3"]
+assert big.shape == (1, 12, 18, 128), big.shape
+weights = list(m.backbone_trainable_variables)
+with tf.GradientTape() as tape:
+    fc7 = m.signatures["serving_default"](images=tf.constant(io["images"][:4]))["fc7"]
+    loss = tf.reduce_sum(fc7 * fc7)
+grads = tape.gradient(loss, weights)
+assert len(weights) > 10 and all(g is not None for g in grads), [w.name for w in weights]
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                             cwd=str(tmp_path), env={**os.environ, "PYTHONPATH": ""})

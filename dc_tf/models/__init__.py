@@ -20,7 +20,7 @@ _MODULES = {"alexnet": (alexnet, alexnet.build_alexnet),
             "small_vgg": (small_vgg, small_vgg.build_small_vgg)}
 
 __all__ = ["ARCHS", "NormalizePixels", "Sobel", "build_backbone", "cluster_endpoint",
-           "head_endpoint"]
+           "head_endpoint", "min_image_size"]
 
 
 def _check_arch(arch: str) -> None:
@@ -47,10 +47,10 @@ def build_backbone(arch: str, image_size: int, channels: int, sobel: bool,
         (see each module's build function for names and shapes).
     """
     _check_arch(arch)
-    module, build = _MODULES[arch]
-    if image_size < module.MIN_IMAGE_SIZE:
+    build = _MODULES[arch][1]
+    if image_size < min_image_size(arch):
         raise ValueError(f"--image_size={image_size} is too small for --arch={arch}; "
-                         f"use at least {module.MIN_IMAGE_SIZE}")
+                         f"use at least {min_image_size(arch)}")
     if channels < 1:
         raise ValueError(f"channels={channels} must be at least 1")
     for flag, values in (("--mean", mean), ("--std", std)):
@@ -59,6 +59,12 @@ def build_backbone(arch: str, image_size: int, channels: int, sobel: bool,
                              f"give 1 value or {channels}")
     inputs = keras.Input((image_size, image_size, channels), dtype="float32", name="image")
     return build(inputs, tuple(mean), tuple(std), sobel, seed)
+
+
+def min_image_size(arch: str) -> int:
+    """Smallest input height and width `arch` accepts (its pools must leave a pixel)."""
+    _check_arch(arch)
+    return _MODULES[arch][0].MIN_IMAGE_SIZE
 
 
 def cluster_endpoint(arch: str) -> str:

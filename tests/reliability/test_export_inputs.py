@@ -24,6 +24,16 @@ for signature in ("serving_default", "assign"):
             print(signature, shape, "clear error" if said else "unclear: " + e.message[:200])
     out = serve(images=tf.constant(np.zeros((2, 32, 32, 1), np.uint8)))
     print(signature, "good input", "accepted" if out else "no output")
+conv = model.signatures["conv_features"]
+for shape in [(1, 4, 40, 1), (1, 40, 40, 3), (0, 40, 40, 1)]:
+    try:
+        conv(images=tf.constant(np.zeros(shape, np.uint8)))
+        print("conv_features", shape, "accepted")
+    except tf.errors.InvalidArgumentError as e:
+        said = "height >= 8" in e.message
+        print("conv_features", shape, "clear error" if said else "unclear: " + e.message[:200])
+out = conv(images=tf.constant(np.zeros((1, 40, 24, 1), np.uint8)))
+print("conv_features good input", "accepted" if out else "no output")
 """
 
 
@@ -33,6 +43,6 @@ def test_malformed_images_get_a_clear_error(smoke_config):
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]  # a kernel check failure aborts
     lines = result.stdout.splitlines()
-    assert len(lines) == 12, lines
-    assert sum(line.endswith("clear error") for line in lines) == 10, lines
-    assert sum(line.endswith("good input accepted") for line in lines) == 2, lines
+    assert len(lines) == 16, lines
+    assert sum(line.endswith("clear error") for line in lines) == 13, lines
+    assert sum(line.endswith("good input accepted") for line in lines) == 3, lines
