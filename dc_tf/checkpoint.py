@@ -7,6 +7,8 @@ import keras
 import tensorflow as tf
 from absl import logging
 
+from dc_tf import failpoints
+
 
 class RunCheckpoint:
     """The model (backbone, top layer, pseudo-labels, sampler state), both optimizers and the
@@ -34,7 +36,13 @@ class RunCheckpoint:
 
     def save(self, epochs_done: int) -> str:
         self.epochs_done.assign(epochs_done)
-        return self._manager.save(checkpoint_number=epochs_done)
+        # The write callback runs once the checkpoint's files are complete, before the manager
+        # points the `checkpoint` index at them.
+        options = tf.train.CheckpointOptions(
+            experimental_write_callbacks=[lambda _: failpoints.reach("checkpoint.written")])
+        path = self._manager.save(checkpoint_number=epochs_done, options=options)
+        failpoints.reach("checkpoint.saved")
+        return path
 
 
 class NonFiniteLossError(RuntimeError):
@@ -67,6 +75,7 @@ class CheckpointCallback(keras.callbacks.Callback):
         signal.signal(signal.SIGTERM, self._previous_handler or signal.SIG_DFL)
 
     def on_train_batch_end(self, batch, logs=None):
+        failpoints.reach("train.batch")
         # Only the flag: reading the loss here would wait for every step to finish on the host.
         # A non-finite loss is caught at the end of the epoch, which is then not saved.
         if self.preempted:

@@ -33,6 +33,7 @@ from typing import Optional
 import keras
 import tensorflow as tf
 
+from dc_tf import failpoints
 from dc_tf.recluster import FinalClustering
 
 
@@ -116,6 +117,8 @@ def export_saved_model(backbone: keras.Model, path: str, image_size: int, channe
     tmp = path.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tf.saved_model.save(module, tmp, signatures=signatures)
+    failpoints.reach("export.written")
     shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)
+    failpoints.reach("export.done")
     return path

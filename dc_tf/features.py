@@ -14,7 +14,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from dc_tf import clustering
+from dc_tf import clustering, failpoints
 
 
 @dataclasses.dataclass
@@ -70,6 +70,7 @@ def extract_features(infer, dataset: tf.data.Dataset, num_examples: int, pca_dim
         x, idx = np.concatenate(pending_x), np.concatenate(pending_i)
         pending_x.clear(), pending_i.clear()
         pca = clustering.fit_pca_whitening(x, pca_dim)
+        failpoints.reach("pca.fitted")
         store(x, idx)
 
     collecting = pca_dim > 0
@@ -77,6 +78,7 @@ def extract_features(infer, dataset: tf.data.Dataset, num_examples: int, pca_dim
         x, idx = infer(images).numpy(), idx.numpy()
         labels[idx], present[idx] = lab.numpy(), True
         seen += len(idx)
+        failpoints.reach("features.batch")
         if collecting:
             pending_x.append(x), pending_i.append(idx)
             if seen >= min(pca_sample, num_examples):

@@ -10,16 +10,24 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from dc_tf import failpoints
 from dc_tf.recluster import ReclusterCallback
 
 
 def truncate_metrics(path: str, before_epoch: int) -> None:
-    """Drops lines of epochs >= before_epoch (written by a run killed before its checkpoint)."""
+    """Drops lines of epochs >= before_epoch (written by a run killed before its checkpoint),
+    and a last line cut short by a kill."""
     if not os.path.exists(path):
         return
     with open(path) as f:
         rows = [line for line in f if line.strip()]
-    keep = [line for line in rows if json.loads(line)["epoch"] < before_epoch]
+
+    def kept(line):
+        try:
+            return json.loads(line)["epoch"] < before_epoch
+        except json.JSONDecodeError:
+            return False
+    keep = [line for line in rows if kept(line)]
     if len(keep) != len(rows):
         with open(path + ".tmp", "w") as f:
             f.writelines(keep)
@@ -79,6 +87,7 @@ class RunLogger(keras.callbacks.Callback):
                "learning_rate": self.learning_rate}
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
+        failpoints.reach("epoch.logged")
         with self.writer.as_default(step=epoch):
             for key, value in row.items():
                 if key != "epoch" and value is not None:

@@ -17,7 +17,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from dc_tf import clustering
+from dc_tf import clustering, failpoints
 from dc_tf.features import FeaturePass, extract_features
 
 
@@ -51,9 +51,11 @@ class Clusterer:
 
         PIC has no centroids of its own: they are the means of its clusters' members.
         """
+        failpoints.reach("kmeans.started")
         if self.method == "kmeans":
             result = clustering.kmeans(x, self.k, seed=int(self.seed + epoch), niter=self.iters,
                                        verbose=len(x) >= 100_000)  # FAISS prints per iteration
+            failpoints.reach("kmeans.done")
             return result.labels, result.centroids, result.loss, result.empty_clusters
         labels = clustering.pic(x, max_clusters=self.k)
         found = int(labels.max()) + 1
@@ -170,6 +172,7 @@ class ReclusterCallback(keras.callbacks.Callback):
             self._recluster(epoch)
         assignment = self.model.pseudo_labels.numpy()
         save_array(assignment_path(self.model_dir, epoch), assignment)
+        failpoints.reach("assignment.saved")
         self.previous = assignment
 
     def _feature_pass(self, epoch) -> FeaturePass:
@@ -189,7 +192,6 @@ class ReclusterCallback(keras.callbacks.Callback):
         pca = fp.pca or clustering.PCAWhitening(np.zeros(dim, np.float32),
                                                 np.eye(dim, dtype=np.float32))
         final = FinalClustering(labels, pca.mean, pca.matrix, centroids, epochs)
-        final.save(self.model_dir)
         figures = {"epochs": epochs, "kmeans_loss": None if np.isnan(loss) else float(loss),
                    "empty_clusters": int(empty), "time_features_s": fp.seconds,
                    "time_cluster_s": time.time() - start,
@@ -197,8 +199,12 @@ class ReclusterCallback(keras.callbacks.Callback):
                                 if self.previous is not None else None),
                    "nmi_labels": (clustering.nmi(labels, fp.labels)
                                   if (fp.labels >= 0).any() else None)}
+        # The figures first: a saved final clustering is reused on a re-run, so it must never
+        # exist without its figures.
         with open(os.path.join(self.model_dir, "final_clustering.json"), "w") as f:
             json.dump(figures, f, indent=1)
+        final.save(self.model_dir)
+        failpoints.reach("final.saved")
         logging.info("final clustering: %s", figures)
         return final
 

@@ -7,6 +7,7 @@ Re-running a command with the same --model_dir resumes from its last checkpoint.
 `tensorboard --logdir=MODEL_DIR/logs`.
 """
 
+import errno
 import math
 import os
 import sys
@@ -17,7 +18,7 @@ import numpy as np
 import tensorflow as tf
 from absl import app, flags, logging
 
-from dc_tf import config, data, models, run_dir, train_flags
+from dc_tf import config, data, failpoints, models, run_dir, train_flags
 from dc_tf.checkpoint import CheckpointCallback, NonFiniteLossError, RunCheckpoint
 from dc_tf.data import pipelines
 from dc_tf.export import export_saved_model
@@ -57,7 +58,9 @@ def run(cfg: config.TrainConfig, overwrite: bool = False) -> config.TrainConfig:
 
     # ---------------------------------------------------------------- model_dir
     with run_dir.RunLock(cfg.model_dir):
+        failpoints.reach("run.locked")
         run_dir.claim(cfg, overwrite)
+        failpoints.reach("run.config_written")
         _train(cfg, source, backbone, cluster_endpoint, labels)
     return cfg
 
@@ -153,6 +156,21 @@ def main(argv):
     except (config.ConfigError, data.DatasetNotFoundError, NonFiniteLossError) as e:
         logging.error("%s", e)
         sys.exit(f"error: {e}")
+    except (OSError, tf.errors.OpError) as e:
+        if not _disk_full(e):
+            raise
+        message = (f"the filesystem of --model_dir={flags.FLAGS.model_dir} is full "
+                   f"({' '.join(str(e).split())[:300]}). What was saved before is intact: free "
+                   "some space (or move the folder) and re-run the same command to resume.")
+        logging.error("%s", message)
+        sys.exit(f"error: {message}")
+
+
+def _disk_full(error: Exception) -> bool:
+    """Whether an error from Python or TensorFlow I/O means that the disk or quota is full."""
+    if isinstance(error, OSError):
+        return error.errno in (errno.ENOSPC, errno.EDQUOT)
+    return any(words in str(error) for words in ("No space left", "Disk quota exceeded"))
 
 
 def entry_point():

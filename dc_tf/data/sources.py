@@ -5,7 +5,9 @@ cheap to carry before decoding (the index itself for random-access sources, the 
 record files), and `decode(index, payload)` turns one into a uint8 [H, W, C] image. The balanced
 sampler filters triples on their index and decodes only the accepted ones. Decoding may fail for
 corrupt files: pipelines drop such elements with `ignore_errors()`, and the feature pass reports
-the indices it never saw.
+the indices it never saw. Encoded images whose header announces more than MAX_IMAGE_PIXELS are
+refused before decoding (a decompression bomb or a scan of a poster would otherwise take
+gigabytes); they are skipped and counted like corrupt files.
 
 Sources:
   ArraySource   uint8 images in memory (Fashion-MNIST); random access.
@@ -22,6 +24,58 @@ import numpy as np
 import tensorflow as tf
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+
+# PIL's decompression-bomb warning threshold (Image.MAX_IMAGE_PIXELS): about 9459 x 9459.
+MAX_IMAGE_PIXELS = 89_478_485
+
+
+def header_pixels(data: tf.Tensor) -> tf.Tensor:
+    """Width x height (int64) announced by a JPEG, PNG, GIF or BMP header; 0 for other data.
+
+    Reads only the header (the JPEG start-of-frame for JPEGs), so it costs nothing next to
+    decoding and can refuse an oversized image before any pixel buffer is allocated.
+    """
+    # 32 zero bytes of padding: the fixed-offset reads below stay in range for truncated files.
+    head = tf.io.decode_raw(tf.strings.substr(
+        tf.strings.join([tf.strings.substr(data, 0, 32), "\0" * 32]), 0, 32), tf.uint8)
+    b = tf.cast(head, tf.int64)
+
+    def big_endian32(i):
+        return ((b[i] * 256 + b[i + 1]) * 256 + b[i + 2]) * 256 + b[i + 3]
+
+    def little_endian(i, n):
+        return sum(b[i + k] * 256 ** k for k in range(n))
+
+    def starts_with(magic: bytes):
+        return tf.reduce_all(tf.equal(b[:len(magic)], list(magic)))
+
+    def jpeg():
+        return tf.reduce_prod(tf.cast(tf.image.extract_jpeg_shape(data)[:2], tf.int64))
+
+    def other():
+        bmp_height = little_endian(22, 4)  # signed: negative for top-down bitmaps
+        bmp_height = tf.abs(tf.where(bmp_height >= 2 ** 31, bmp_height - 2 ** 32, bmp_height))
+        png = big_endian32(16) * big_endian32(20)
+        gif = little_endian(6, 2) * little_endian(8, 2)
+        bmp = little_endian(18, 4) * bmp_height
+        return tf.case([(starts_with(b"\x89PNG\r\n\x1a\n"), lambda: png),
+                        (starts_with(b"GIF8"), lambda: gif), (starts_with(b"BM"), lambda: bmp)],
+                       default=lambda: tf.constant(0, tf.int64))
+    return tf.cond(starts_with(b"\xff\xd8\xff"), jpeg, other)
+
+
+def decode_checked(data: tf.Tensor, channels: int) -> tf.Tensor:
+    """uint8 [H, W, channels] of an encoded image (the first frame of an animation), refusing
+    images above MAX_IMAGE_PIXELS with an error that says so."""
+    pixels = header_pixels(data)
+    check = tf.debugging.Assert(pixels <= MAX_IMAGE_PIXELS, [
+        "the image header announces", pixels, "pixels, above dc_tf.data.sources.MAX_IMAGE_PIXELS "
+        f"= {MAX_IMAGE_PIXELS}; refused to protect memory (downscale the file)"])
+    with tf.control_dependencies([check]):
+        image = tf.io.decode_image(data, channels=channels, expand_animations=False,
+                                   dtype=tf.uint8)
+    image.set_shape([None, None, channels])
+    return image
 
 
 @dataclasses.dataclass
@@ -84,10 +138,7 @@ class FolderSource(Source):
 
     def decode(self, index, payload):
         del payload
-        data = tf.io.read_file(tf.gather(self._paths, index))
-        image = tf.io.decode_image(data, channels=3, expand_animations=False, dtype=tf.uint8)
-        image.set_shape([None, None, 3])
-        return image
+        return decode_checked(tf.io.read_file(tf.gather(self._paths, index)), 3)
 
     def describe(self, index):
         return self.paths[index]
@@ -121,9 +172,7 @@ class TFDSSource(Source):
 
     def decode(self, index, payload):
         del index
-        image = tf.io.decode_image(payload, channels=self.channels, expand_animations=False)
-        image.set_shape([None, None, self.channels])
-        return image
+        return decode_checked(payload, self.channels)
 
 
 def load_idx(path: str) -> np.ndarray:
