@@ -4,6 +4,7 @@ Sections:
   Classification   top-k accuracy of class scores.
   kNN              the cosine-weighted vote of a k-nearest-neighbour classifier.
   Clustering       NMI, ARI and clustering accuracy (Hungarian matching) against labels.
+  Retrieval        Oxford/Paris AP (classic, revisited Easy/Medium/Hard) and mP@k.
 
 No TensorFlow and no FAISS here: the programs search and extract, these functions score.
 """
@@ -15,7 +16,8 @@ import sklearn.metrics
 from dc_tf.clustering.stats import nmi
 
 __all__ = ["adjusted_rand_index", "clustering_accuracy", "knn_class_scores", "nmi",
-           "top_k_accuracy"]
+           "top_k_accuracy", "classic_retrieval_map", "retrieval_average_precision", "retrieval_map",
+           "revisited_retrieval_map"]
 
 
 # ------------------------------------------------------------------------------ classification
@@ -81,6 +83,115 @@ def knn_class_scores(similarities: np.ndarray, neighbor_labels: np.ndarray, num_
     rows = np.repeat(np.arange(similarities.shape[0]), similarities.shape[1])
     np.add.at(votes, (rows, neighbor_labels.ravel()), np.exp(similarities / temperature).ravel())
     return votes
+
+
+# ------------------------------------------------------------------------------ retrieval
+# The Oxford/Paris evaluation (PROTOCOLS.md §6), as the revisited benchmark's compute_map
+# (cirtorch utils/evaluate.py): a ranking lists database indices, best first; positives are
+# scored, ignored images (junk; for Easy also hard, for Hard also easy) are removed from it.
+
+def retrieval_average_precision(ranking: np.ndarray, positives, ignored=()) -> float:
+    """Average precision of one ranking, as the Oxford compute_ap: trapezoids under the
+    precision-recall curve, over the ranking with the ignored images taken out.
+
+    Each positive found at 0-based position r, after the k ignored images ranked above it are
+    removed, is the (j+1)-th positive at rank r' = r - k; it adds the trapezoid
+    (1/n)·(p0 + p1)/2 with p0 = j / r' (1 when r' = 0) and p1 = (j + 1) / (r' + 1), n the number
+    of positives listed (a listed positive missing from the ranking is never recalled).
+    An image listed both as positive and ignored counts as positive.
+
+    Args:
+        ranking: int [N] database indices, best first.
+        positives: int [P] indices of the relevant images.
+        ignored: int indices of images that neither help nor hurt.
+
+    Returns:
+        AP in [0, 1]; NaN when `positives` is empty.
+    """
+    return float(_retrieval_scores(ranking, positives, ignored, ())[0])
+
+
+def _retrieval_scores(ranking, positives, ignored, kappas) -> np.ndarray:
+    """[AP, mP@k for k in kappas] of one query; NaN when it has no positive."""
+    positives = np.unique(np.asarray(positives, np.int64))
+    if positives.size == 0:
+        return np.full(1 + len(kappas), np.nan)
+    ranking = np.asarray(ranking)
+    if ranking.ndim != 1:
+        raise ValueError(f"a ranking must be 1-D database indices, got shape {ranking.shape}")
+    found = np.flatnonzero(np.isin(ranking, positives))
+    junk = np.flatnonzero(np.isin(ranking, ignored) & ~np.isin(ranking, positives))
+    ranks = found - np.searchsorted(junk, found)  # ignored images above each positive removed
+    if ranks.size == 0:
+        return np.zeros(1 + len(kappas))
+    j = np.arange(ranks.size)
+    before = np.divide(j, ranks, out=np.ones(ranks.size), where=ranks > 0)
+    ap = np.sum((before + (j + 1) / (ranks + 1)) / 2) / positives.size
+    # cirtorch's mP@k: precision within the first min(k, rank of the last positive) places, so a
+    # query with fewer than k positives can still reach 1.
+    cut = [min(ranks[-1] + 1, k) for k in kappas]
+    return np.array([ap] + [np.sum(ranks < c) / c for c in cut])
+
+
+def retrieval_map(ranks: np.ndarray, positives: list, ignored: list,
+                  kappas: tuple = ()) -> dict:
+    """Mean AP and mean precision at k over queries; queries without positives are skipped.
+
+    Args:
+        ranks: int [Q, N] one ranking of database indices per query, best first.
+        positives: Q int arrays of relevant indices.
+        ignored: Q int arrays of ignored indices.
+        kappas: the k of mP@k (each >= 1).
+
+    Returns:
+        {"map": float, "aps": float [Q] (NaN where skipped), "mp@k": float for each k,
+         "skipped": number of queries without positives}; means are NaN if all are skipped.
+    """
+    ranks = np.asarray(ranks)
+    if ranks.ndim != 2 or not len(positives) == len(ignored) == ranks.shape[0]:
+        raise ValueError(f"expected ranks [Q, N] and Q positive and ignored lists; got ranks "
+                         f"{ranks.shape}, {len(positives)} and {len(ignored)} lists")
+    if any(k < 1 for k in kappas):
+        raise ValueError(f"kappas={kappas}: each k must be at least 1")
+    scores = np.array([_retrieval_scores(r, p, i, kappas)
+                       for r, p, i in zip(ranks, positives, ignored)]).reshape(-1, 1 + len(kappas))
+    valid = ~np.isnan(scores[:, 0])
+    means = scores[valid].mean(0) if valid.any() else np.full(1 + len(kappas), np.nan)
+    return {"map": float(means[0]), "aps": scores[:, 0],
+            **{f"mp@{k}": float(m) for k, m in zip(kappas, means[1:])},
+            "skipped": int((~valid).sum())}
+
+
+def classic_retrieval_map(ranks: np.ndarray, gnd: list) -> dict:
+    """Oxford5k / Paris6k mAP: positives `ok` (good ∪ ok), `junk` ignored.
+
+    Args:
+        ranks: int [Q, N] rankings, best first.
+        gnd: per query a dict with int arrays "ok" and "junk".
+    """
+    return retrieval_map(ranks, [g["ok"] for g in gnd], [g["junk"] for g in gnd])
+
+
+def revisited_retrieval_map(ranks: np.ndarray, gnd: list, kappas: tuple = (1, 5, 10)) -> dict:
+    """ROxford / RParis Easy, Medium and Hard mAP and mP@k (Radenović et al. 2018).
+
+    Easy: positives easy, hard and junk ignored. Medium: positives easy ∪ hard, junk ignored.
+    Hard: positives hard, easy and junk ignored.
+
+    Args:
+        ranks: int [Q, N] rankings, best first.
+        gnd: per query a dict with int arrays "easy", "hard" and "junk".
+
+    Returns:
+        {"easy": ..., "medium": ..., "hard": ...}, each as `retrieval_map` returns.
+    """
+    def cat(g, *keys):
+        return np.concatenate([np.asarray(g[k], np.int64).ravel() for k in keys])
+    splits = {"easy": (("easy",), ("junk", "hard")), "medium": (("easy", "hard"), ("junk",)),
+              "hard": (("hard",), ("junk", "easy"))}
+    return {name: retrieval_map(ranks, [cat(g, *pos) for g in gnd],
+                                [cat(g, *ign) for g in gnd], kappas)
+            for name, (pos, ign) in splits.items()}
 
 
 # ------------------------------------------------------------------------------ clustering
