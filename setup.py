@@ -23,10 +23,12 @@ setup(
         "scikit-learn>=1.3",
         "scipy>=1.11",
         "matplotlib>=3.7",  # the pipelines' report plots
+        "pillow>=10",  # montages of clusters, filters and retrieval results
     ],
     extras_require={
         "gpu": ["faiss-gpu>=1.8", "tensorflow[and-cuda]>=2.16,<3"],
-        "dev": ["pytest>=7", "pillow>=10"],
+        "dev": ["pytest>=7"],
     },
-    entry_points={"console_scripts": ["dc-tf-train=dc_tf.train:entry_point"]},
+    entry_points={"console_scripts": ["dc-tf-train=dc_tf.train:entry_point",
+                                       "dc-tf-visualize=dc_tf.visualize:entry_point"]},
 )

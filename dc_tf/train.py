@@ -26,6 +26,7 @@ from dc_tf.model import DeepClusterModel
 from dc_tf.monitor import RunLogger, truncate_metrics
 from dc_tf.recluster import (Clusterer, FinalClustering, FixedLabelsCallback,
                              ReclusterCallback)
+from dc_tf.visualization.cluster_montage import ClusterMontageCallback
 
 
 def run(cfg: config.TrainConfig, overwrite: bool = False) -> config.TrainConfig:
@@ -111,6 +112,7 @@ def _train(cfg: config.TrainConfig, source: data.Source, backbone: keras.Model,
         labeller.resume(initial_epoch)
     saver = CheckpointCallback(checkpoint)
     callbacks = [labeller,
+                 *([] if cfg.supervised else [ClusterMontageCallback(source, model_dir, cfg.seed)]),
                  RunLogger(model_dir, labeller, cfg.batch_size, steps_per_epoch,
                            cfg.learning_rate),
                  saver]
