@@ -122,6 +122,9 @@ def check_against_data(cfg: TrainConfig, feature_dim: int) -> None:
         _fail("num_clusters", cfg.num_clusters,
               f"exceeds the {n} images of --dataset={cfg.dataset}; lower it (over-clustering, "
               "about 10x the number of classes, is the usual advice)")
+    if cfg.batch_size > n:
+        _fail("batch_size", cfg.batch_size, f"exceeds the {n} images of --dataset={cfg.dataset}; "
+              "lower it")
     if cfg.pca_dim > feature_dim:
         _fail("pca_dim", cfg.pca_dim, f"exceeds the {feature_dim}-d clustering feature of "
               f"--arch={cfg.arch}; lower it, or 0 for no PCA")

@@ -27,6 +27,7 @@ from dc_tf.model import DeepClusterModel
     ("--std=0", "--std=0.0: every standard deviation must be > 0"),
     ("--mean=a", "--mean=a: give comma-separated numbers"),
     ("--momentum=1.5", "--momentum=1.5: must be in [0, 1)"),
+    ("--reassign=0", "--reassign=0: must be a positive integer"),
 ])
 def test_flag_values_no_run_can_use(smoke_config, flag, message):
     with pytest.raises(config.ConfigError) as e:
@@ -39,6 +40,7 @@ def test_flag_values_no_run_can_use(smoke_config, flag, message):
     ("--pca_dim=600", "--pca_dim=600: exceeds the 512-d clustering feature of --arch=small_vgg"),
     ("--arch=alexnet", "--image_size=32 is too small for --arch=alexnet"),
     ("--mean=0.5,0.5 --std=0.3,0.3", "--mean has 2 values for 1-channel images"),
+    ("--batch_size=1024", "--batch_size=1024: exceeds the 512 images"),
 ])
 def test_data_dependent_values_fail_before_any_work(smoke_config, flag, message):
     cfg = smoke_config(*flag.split())
@@ -56,6 +58,20 @@ def test_command_line_error_is_one_clear_line(tmp_path):
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1] == (
         "error: --learning_rate=-1.0: must be > 0 (paper: 0.05)")
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--num_clusterz=10", "Unknown command line flag 'num_clusterz'"),
+    ("--num_clusters=ten", "flag --num_clusters=ten: invalid literal for int()"),
+    ("--learning_rate=fast", "flag --learning_rate=fast: could not convert string to float"),
+])
+def test_unknown_flags_and_wrong_types_are_named(tmp_path, flag, message):
+    result = subprocess.run(
+        [sys.executable, "-m", "dc_tf.train", "--flagfile=flags/smoke.cfg",
+         f"--model_dir={tmp_path}/run", flag], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr[-1000:]
+    assert not os.path.exists(tmp_path / "run")
 
 
 def test_missing_dataset_names_the_package(smoke_config, tmp_path):
