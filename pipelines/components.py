@@ -3,10 +3,11 @@
     Pretrain     dc_tf.train.run on a flagfile + flags       -> ModelDir, Export
     Baseline     the same with --epochs=0 (Random) or --supervised (Supervised), same budget
     LinearProbe  eval.linear_probe.run over named exports    -> Metrics (probe.json)
+    Retrieval    eval.retrieval.run for each named export     -> Metrics (retrieval.json)
     Report       pipelines.report.write_report               -> Report (report.md, .html, PNGs)
 
-VOC classification, VOC detection and retrieval have no evaluator in this version, so they have
-no component either (see pipelines/definitions.py).
+An evaluator component other than LinearProbe writes {"evaluator", "table", "models"}: the
+markdown table with one row per model (what the report shows) and each model's own JSON.
 """
 
 import dataclasses
@@ -14,7 +15,7 @@ import json
 import os
 
 from dc_tf import config, train, train_flags
-from eval import linear_probe
+from eval import linear_probe, retrieval
 from pipelines import artifacts, report
 from pipelines.engine import PROJECT_ROOT, Component
 
@@ -112,12 +113,57 @@ class LinearProbe(Component):
         linear_probe.run(linear_probe.ProbeConfig(**{**cfg, **tuples}))
 
 
+def merge_tables(tables: list) -> str:
+    """One markdown table from several one-row tables of the same evaluator: the first table's
+    caption and header, then every table's row."""
+    return "\n".join(tables[0].splitlines() + [table.splitlines()[-1] for table in tables[1:]])
+
+
+class Retrieval(Component):
+    """eval.retrieval on each export (Oxford / Paris, PROTOCOLS.md §6), one table row per model.
+
+    `settings` are RetrievalConfig fields (layer, pooling, max_size, whiten_on, ...).
+    """
+    OUTPUTS = {"metrics": (artifacts.Metrics, "retrieval.json")}
+    CODE = ("dc_tf", "eval")
+
+    def __init__(self, name: str, models: dict, dataset: str, data_dir: str, **settings):
+        super().__init__(name, {"models": dict(models)})
+        self.dataset, self.data_dir, self.settings = dataset, data_dir, settings
+
+    def _config(self, model: str, output: str, label: str) -> retrieval.RetrievalConfig:
+        try:
+            return retrieval.RetrievalConfig(model=model, dataset=self.dataset,
+                                             data_dir=self.data_dir, output=output, name=label,
+                                             **self.settings)
+        except TypeError as e:  # a setting that is no RetrievalConfig field
+            fields = ", ".join(f.name for f in dataclasses.fields(retrieval.RetrievalConfig))
+            raise config.ConfigError(f"{self.name}: {e}; settings are RetrievalConfig fields: "
+                                     f"{fields}") from None
+
+    def resolve(self, out_dir: str, inputs: dict) -> dict:
+        return {label: dataclasses.asdict(retrieval.validate(self._config(
+                    export.path, os.path.join(out_dir, f"{label}.json"), label)))
+                for label, export in inputs["models"].items()}
+
+    def execute(self, cfg: dict, inputs: dict, outputs: dict) -> None:
+        reports = {label: retrieval.run(retrieval.RetrievalConfig(
+                       **{**fields, "scales": tuple(fields["scales"])}))
+                   for label, fields in cfg.items()}
+        result = {"evaluator": "retrieval",
+                  "table": merge_tables([retrieval.markdown_table(r) for r in reports.values()]),
+                  "models": reports}
+        with open(outputs["metrics"].path, "w") as f:
+            json.dump(result, f, indent=1)
+
+
 class Report(Component):
     """report.md and report.html: probe tables, training curves, blessing against thresholds.
 
     Args:
       probes: table title -> the Metrics output of a LinearProbe.
       runs: model label -> the ModelDir output of a Pretrain or Baseline.
+      evaluations: section title -> the Metrics output of another evaluator (Retrieval, ...).
       thresholds: report.Threshold rules, checked and stated pass/fail in the report.
       planned: lines naming the paper's evaluations this version does not run.
     """
@@ -125,8 +171,9 @@ class Report(Component):
     CODE = ("pipelines",)
 
     def __init__(self, name: str, title: str, probes: dict, runs: dict,
-                 thresholds: tuple = (), planned: tuple = ()):
-        super().__init__(name, {"probes": dict(probes), "runs": dict(runs)})
+                 thresholds: tuple = (), planned: tuple = (), evaluations: dict = None):
+        super().__init__(name, {"probes": dict(probes), "runs": dict(runs),
+                                "evaluations": dict(evaluations or {})})
         self.title, self.thresholds, self.planned = title, tuple(thresholds), tuple(planned)
 
     def resolve(self, out_dir: str, inputs: dict) -> dict:
@@ -134,12 +181,13 @@ class Report(Component):
                 "thresholds": [dataclasses.asdict(t) for t in self.thresholds]}
 
     def execute(self, cfg: dict, inputs: dict, outputs: dict) -> None:
-        probe_reports = {}
-        for title, metrics in inputs["probes"].items():
+        def load(metrics):
             with open(metrics.path) as f:
-                probe_reports[title] = json.load(f)
+                return json.load(f)
         report.write_report(
-            os.path.dirname(outputs["report"].path), cfg["title"], probe_reports,
+            os.path.dirname(outputs["report"].path), cfg["title"],
+            {title: load(m) for title, m in inputs["probes"].items()},
             {label: run.path for label, run in inputs["runs"].items()},
-            [report.Threshold(**t) for t in cfg["thresholds"]], cfg["planned"])
+            [report.Threshold(**t) for t in cfg["thresholds"]], cfg["planned"],
+            {title: load(m)["table"] for title, m in inputs["evaluations"].items()})
 

@@ -6,25 +6,29 @@
                       Fashion-MNIST train -> test, the report. About 45 minutes on 2 CPU cores.
     imagenet_alexnet  the paper's run: flags/alexnet.cfg on tfds:imagenet2012, probes on ImageNet
                       and Places205's successor in TFDS (places365_small), 90 epochs each with
-                      the protocol's augmentation and ten crops. Needs --data_dir with both
-                      prepared.
+                      the protocol's augmentation and ten crops; and, as the paper's Table 5,
+                      VGG16 (flags/vgg16.cfg) trained the same three ways and evaluated on
+                      Oxford5k / Paris6k and their revisited versions. Needs --data_dir with
+                      both TFDS datasets prepared and the retrieval data in DATA_DIR/retrieval
+                      (the layout of eval/retrieval.py).
 
-The paper's VOC 2007 classification and detection (Table 2) and Oxford5k / Paris6k retrieval
-with VGG16 (Table 5) have no evaluator in this version (eval/voc_classification.py,
-eval/voc_detection.py and eval/retrieval.py do not exist yet), so imagenet_alexnet has no
-component for them: its report lists them under "Not in this version" instead of a result.
+The paper's VOC 2007 classification and detection (Table 2) are not components yet: the
+report lists them under "Not in this version" instead of a result.
 """
 
-from pipelines.components import Baseline, LinearProbe, Pretrain, Report
+import os
+
+from pipelines.components import Baseline, LinearProbe, Pretrain, Report, Retrieval
 from pipelines.engine import Pipeline
 from pipelines.report import Threshold
 
 
-def _models(flagfile: str, flags: tuple) -> dict:
-    """Random, DeepCluster and Supervised trained from the same flagfile: the paper's rows."""
-    return {"Random": Baseline("Random", "random", flagfile, flags),
-            "DeepCluster": Pretrain("DeepCluster", flagfile, flags),
-            "Supervised": Baseline("Supervised", "supervised", flagfile, flags)}
+def _models(flagfile: str, flags: tuple, prefix: str = "") -> dict:
+    """Random, DeepCluster and Supervised trained from the same flagfile: the paper's rows.
+    Component names get `prefix` (a second architecture in one pipeline); row labels do not."""
+    return {"Random": Baseline(f"{prefix}Random", "random", flagfile, flags),
+            "DeepCluster": Pretrain(f"{prefix}DeepCluster", flagfile, flags),
+            "Supervised": Baseline(f"{prefix}Supervised", "supervised", flagfile, flags)}
 
 
 def _pipeline(name: str, models: dict, probes: list, report: Report) -> Pipeline:
@@ -82,21 +86,29 @@ def imagenet_alexnet(data_dir: str = "") -> Pipeline:
                     "tfds:imagenet2012:validation", data_dir, **protocol),
         LinearProbe("LinearProbePlaces", _exports(models), "tfds:places365_small:train",
                     "tfds:places365_small:validation", data_dir, **protocol)]
+    # Table 5: VGG16 conv5_3, R-MAC at 1024 px, whitening learned on the other dataset.
+    vgg16 = _models("flags/vgg16.cfg", flags, prefix="VGG16")
+    retrieval_dir = os.path.join(data_dir, "retrieval")
+    retrievals = {f"Retrieval: {title}": Retrieval(f"Retrieval{title}", _exports(vgg16), name,
+                                                   retrieval_dir)
+                  for title, name in (("Oxford5k", "oxford5k"), ("Paris6k", "paris6k"),
+                                      ("ROxford5k", "roxford5k"), ("RParis6k", "rparis6k"))}
+    runs = {**_model_dirs(models),
+            **{f"VGG16 {label}": d for label, d in _model_dirs(vgg16).items()}}
     report = Report(
-        "Report", "DeepCluster AlexNet-BN on ImageNet (flags/alexnet.cfg)",
+        "Report", "DeepCluster AlexNet-BN on ImageNet (flags/alexnet.cfg), VGG16 retrieval",
         {"ImageNet": probes[0].output("metrics"), "Places": probes[1].output("metrics")},
-        _model_dirs(models),
+        runs,
         thresholds=(_BEATS_RANDOM_KNN,
                     # Paper Table 1: conv5 38.2 (DeepCluster) vs 14.1 (random) on ImageNet.
                     Threshold("DeepCluster", "top1_best:conv5", baseline="Random", margin=0.10,
                               probe="ImageNet")),
-        planned=("VOC 2007 classification, fc6-8 and all layers (paper Table 2): "
-                 "eval/voc_classification.py is not in this version",
-                 "VOC 2007 detection (paper Tables 2 and 4): eval/voc_detection.py is not in "
-                 "this version",
-                 "Oxford5k / Paris6k retrieval with VGG16 (paper Table 5): eval/retrieval.py is "
-                 "not in this version"))
-    return _pipeline("imagenet_alexnet", models, probes, report)
+        planned=("VOC 2007 classification, fc6-8 and all layers (paper Table 2): not a "
+                 "pipeline component yet",
+                 "VOC 2007 detection (paper Tables 2 and 4): not a pipeline component yet"),
+        evaluations={title: r.output("metrics") for title, r in retrievals.items()})
+    return Pipeline("imagenet_alexnet", (*models.values(), *vgg16.values(), *probes,
+                                         *retrievals.values(), report))
 
 
 PIPELINES = {"smoke": smoke, "fashion_mnist": fashion_mnist,

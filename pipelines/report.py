@@ -139,13 +139,14 @@ def _slug(text: str) -> str:
 # ------------------------------------------------------------------------------ the report
 
 def write_report(out_dir: str, title: str, probe_reports: dict, runs: dict, thresholds: list,
-                 planned: list) -> str:
+                 planned: list, evaluation_tables: dict = None) -> str:
     """Writes report.md, report.html and the plots into out_dir; returns report.md's path.
 
     Args:
       probe_reports: table title -> eval.linear_probe's JSON (dict).
       runs: model label -> a dc_tf.train model_dir.
       thresholds: Threshold rules; planned: lines on evaluations this version does not run.
+      evaluation_tables: section title -> markdown table of another evaluator (caption, table).
     """
     os.makedirs(out_dir, exist_ok=True)
     for stale in glob.glob(os.path.join(out_dir, "*.png")):
@@ -177,15 +178,19 @@ def write_report(out_dir: str, title: str, probe_reports: dict, runs: dict, thre
                      "top-1 % (best epoch)", series)
         blocks.append(("img", name, f"probe top-1 per layer, {probe_title}"))
 
-    blocks.append(("h2", "Training"))
+    for section, table in (evaluation_tables or {}).items():
+        blocks += [("h2", section), ("md", table)]
+
     metrics = {label: read_metrics(path) for label, path in runs.items()}
     keys = ["loss", "nmi_labels", "nmi_prev", "empty_clusters"]
-    blocks.append(("table", ["model", "epochs", *keys],
-                   [[label, str(len(rows)), *("-" if not rows or rows[-1].get(k) is None else
-                                              f"{rows[-1][k]:.4g}" for k in keys)]
-                    for label, rows in metrics.items()]))
-    blocks.append(("p", "Last epoch of each run's metrics.jsonl; a run without epochs (Random) "
-                        "has none."))
+    if metrics:
+        blocks.append(("h2", "Training"))
+        blocks.append(("table", ["model", "epochs", *keys],
+                       [[label, str(len(rows)), *("-" if not rows or rows[-1].get(k) is None
+                                                  else f"{rows[-1][k]:.4g}" for k in keys)]
+                        for label, rows in metrics.items()]))
+        blocks.append(("p", "Last epoch of each run's metrics.jsonl; a run without epochs "
+                            "(Random) has none."))
     nmi = [(f"{label} {key}", [r["epoch"] for r in rows if r.get(key) is not None],
             [r[key] for r in rows if r.get(key) is not None])
            for label, rows in metrics.items() for key in ("nmi_labels", "nmi_prev")]
