@@ -2,6 +2,7 @@
 
 Sections:
   Classification   top-k accuracy of class scores.
+  VOC AP           per-class average precision of multi-label scores, difficult excluded; mAP.
   kNN              the cosine-weighted vote of a k-nearest-neighbour classifier.
   Clustering       NMI, ARI and clustering accuracy (Hungarian matching) against labels.
   Retrieval        Oxford/Paris AP (classic, revisited Easy/Medium/Hard) and mP@k.
@@ -16,7 +17,8 @@ import sklearn.metrics
 from dc_tf.clustering.stats import nmi
 
 __all__ = ["adjusted_rand_index", "clustering_accuracy", "knn_class_scores", "nmi",
-           "top_k_accuracy", "classic_retrieval_map", "retrieval_average_precision", "retrieval_map",
+           "top_k_accuracy", "voc_average_precision", "voc_mean_average_precision",
+           "classic_retrieval_map", "retrieval_average_precision", "retrieval_map",
            "revisited_retrieval_map"]
 
 
@@ -48,6 +50,62 @@ def top_k_accuracy(scores: np.ndarray, labels: np.ndarray, k: int) -> float:
                          f"[{labels.min()}, {labels.max()}]")
     top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
     return float(np.mean(np.any(top == labels[:, None], axis=1)))
+
+
+# ------------------------------------------------------------------------------ VOC AP
+# Labels as eval/voc.py writes them: 1 present, 0 absent, -1 difficult only (not scored).
+
+def voc_average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Non-interpolated average precision of one class, difficult-only images left out.
+
+    AP = sum_n (R_n - R_{n-1}) P_n over the distinct scores from high to low, with precision
+    P_n and recall R_n of the images scoring at least the n-th (scikit-learn's
+    average_precision_score, the protocol's AP). Tied scores enter as one threshold, so their
+    order does not matter: [0.9, 0.5, 0.5] with labels [1, 0, 1] gives 1/2·1 + 1/2·2/3.
+    deepcluster's eval_voc_classif.py subtracted 1e-5·label from each score, which breaks ties
+    against the positives; that is not done here.
+
+    Args:
+        scores: float [N] class scores (logits or sums of logits).
+        labels: int [N] in {1, 0, -1}.
+
+    Returns:
+        AP in [0, 1]; NaN when no image is a positive, for AP is undefined then.
+    """
+    scores, labels = np.asarray(scores, np.float64), np.asarray(labels)
+    if scores.ndim != 1 or labels.shape != scores.shape:
+        raise ValueError(f"scores and labels must both be [N]; got {scores.shape} and "
+                         f"{labels.shape}")
+    if not np.isin(labels, (-1, 0, 1)).all():
+        raise ValueError(f"labels must be 1 (present), 0 (absent) or -1 (difficult), got "
+                         f"{sorted(set(labels.tolist()) - {-1, 0, 1})[:5]}")
+    if not np.isfinite(scores).all():
+        raise ValueError("scores must be finite")
+    scored = labels >= 0
+    if not (labels[scored] == 1).any():
+        return float("nan")
+    return float(sklearn.metrics.average_precision_score(labels[scored] == 1, scores[scored]))
+
+
+def voc_mean_average_precision(scores: np.ndarray, labels: np.ndarray) -> tuple:
+    """Per-class AP and their mean (VOC classification mAP).
+
+    Args:
+        scores: float [N, C].
+        labels: int [N, C] in {1, 0, -1}.
+
+    Returns:
+        (float64 [C] APs, NaN for a class without positives; mAP, the mean over the classes
+        that have an AP, NaN if none has).
+    """
+    scores, labels = np.asarray(scores), np.asarray(labels)
+    if scores.ndim != 2 or labels.shape != scores.shape:
+        raise ValueError(f"scores and labels must both be [N, C]; got {scores.shape} and "
+                         f"{labels.shape}")
+    aps = np.array([voc_average_precision(scores[:, c], labels[:, c])
+                    for c in range(scores.shape[1])])
+    defined = aps[~np.isnan(aps)]
+    return aps, float(defined.mean()) if defined.size else float("nan")
 
 
 # ------------------------------------------------------------------------------ kNN

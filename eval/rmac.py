@@ -43,8 +43,9 @@ def rmac_regions(height: int, width: int, levels: int) -> np.ndarray:
     side, l of them along the short side and l + extra along the long one, evenly spaced; `extra`
     (0 for a square map) is the number of regions, minus one, that the long side gets at level 1:
     of the candidates 2..7 the one whose step b = (long - w) / (candidate - 1) makes neighbouring
-    level-1 regions overlap closest to 40 %, i.e. minimises |(w² - w·b) / w² - 0.4|. Positions are
-    rounded and pushed back inside the map, as deepcluster's get_rmac_region_coordinates does.
+    level-1 regions overlap closest to 40 %, i.e. minimises |(w² - w·b) / w² - 0.4|.
+    Positions are rounded and pushed back inside the map, as deepcluster's
+    get_rmac_region_coordinates does.
     Like cirtorch (not deepcluster) regions of side 0 (maps narrower than levels + 1) are
     skipped, and no whole-map region is added (cirtorch's rmac adds one).
 
