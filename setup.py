@@ -24,6 +24,7 @@ setup(
         "scipy>=1.11",
         "matplotlib>=3.7",  # the pipelines' report plots
         "pillow>=10",  # montages of clusters, filters and retrieval results
+        "keras-hub>=0.32,<0.33",  # eval.voc_detection: RetinaNet, its FPN, anchors and losses
     ],
     extras_require={
         "gpu": ["faiss-gpu>=1.8", "tensorflow[and-cuda]>=2.16,<3"],

@@ -3,6 +3,7 @@
 Sections:
   Classification   top-k accuracy of class scores.
   VOC AP           per-class average precision of multi-label scores, difficult excluded; mAP.
+  VOC detection    per-class AP@0.5 of boxes (11-point VOC07 or area), difficult ignored; mAP.
   kNN              the cosine-weighted vote of a k-nearest-neighbour classifier.
   Clustering       NMI, ARI and clustering accuracy (Hungarian matching) against labels.
   Retrieval        Oxford/Paris AP (classic, revisited Easy/Medium/Hard) and mP@k.
@@ -18,6 +19,7 @@ from dc_tf.clustering.stats import nmi
 
 __all__ = ["adjusted_rand_index", "clustering_accuracy", "knn_class_scores", "nmi",
            "top_k_accuracy", "voc_average_precision", "voc_mean_average_precision",
+           "voc_box_iou", "voc_detection_average_precision", "voc_detection_map",
            "classic_retrieval_map", "retrieval_average_precision", "retrieval_map",
            "revisited_retrieval_map"]
 
@@ -104,6 +106,120 @@ def voc_mean_average_precision(scores: np.ndarray, labels: np.ndarray) -> tuple:
                          f"{labels.shape}")
     aps = np.array([voc_average_precision(scores[:, c], labels[:, c])
                     for c in range(scores.shape[1])])
+    defined = aps[~np.isnan(aps)]
+    return aps, float(defined.mean()) if defined.size else float("nan")
+
+
+# ------------------------------------------------------------------------------ VOC detection
+# PROTOCOLS.md §5, as the VOCdevkit's VOCevaldet.m scores detections. Boxes are VOC's inclusive
+# pixels [xmin, ymin, xmax, ymax]: a box covers (xmax - xmin + 1) x (ymax - ymin + 1) pixels.
+
+def voc_box_iou(boxes: np.ndarray, gt_boxes: np.ndarray) -> np.ndarray:
+    """Intersection over union of float [D, 4] and [G, 4] boxes (inclusive, +1), float64 [D, G]."""
+    a, b = np.asarray(boxes, np.float64)[:, None], np.asarray(gt_boxes, np.float64)[None]
+    width = np.maximum(np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0]) + 1, 0)
+    height = np.maximum(np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1]) + 1,
+                        0)
+    area_a = (a[..., 2] - a[..., 0] + 1) * (a[..., 3] - a[..., 1] + 1)
+    area_b = (b[..., 2] - b[..., 0] + 1) * (b[..., 3] - b[..., 1] + 1)
+    return width * height / (area_a + area_b - width * height)
+
+
+def voc_detection_average_precision(image_ids: np.ndarray, scores: np.ndarray,
+                                    boxes: np.ndarray, ground_truth: list,
+                                    iou_threshold: float = 0.5,
+                                    interpolation: str = "11point") -> float:
+    """Average precision of one class's detections (VOC07: IoU >= 0.5, 11-point).
+
+    Detections are taken by decreasing score (ties in input order). Each is matched to the
+    object of its image with the highest IoU; if that IoU >= iou_threshold (VOCevaldet.m's
+    `ovmax >= minoverlap`; the Python ports test `>`), it is a true positive when the object is
+    not difficult and not yet claimed, a false positive when already claimed (a duplicate), and
+    ignored (neither) when the object is difficult; below the threshold it is a false positive.
+    Recall counts the non-difficult objects. "11point": AP = mean over t in {0, 0.1, ..., 1} of
+    the highest precision at recall >= t (0 where recall never reaches t); "area" (VOC2010+):
+    the area under the precision envelope (precision made non-increasing in recall).
+
+    Args:
+        image_ids: int [D] the image of each detection, an index into `ground_truth`.
+        scores: float [D] confidences.
+        boxes: float [D, 4] detected boxes, inclusive pixels.
+        ground_truth: per image a pair (float [G, 4] boxes, bool [G] difficult) of the objects
+            of this class (G may be 0).
+        iou_threshold: the overlap a true positive needs.
+        interpolation: "11point" or "area".
+
+    Returns:
+        AP in [0, 1]; NaN when no object of the class is non-difficult (0 with no detections).
+    """
+    image_ids = np.asarray(image_ids, np.int64)
+    scores, boxes = np.asarray(scores, np.float64), np.asarray(boxes, np.float64).reshape(-1, 4)
+    if image_ids.shape != scores.shape or scores.shape != boxes.shape[:1]:
+        raise ValueError(f"image_ids [D], scores [D] and boxes [D, 4] disagree: "
+                         f"{image_ids.shape}, {scores.shape}, {boxes.shape}")
+    if image_ids.size and (image_ids.min() < 0 or image_ids.max() >= len(ground_truth)):
+        raise ValueError(f"image_ids must index the {len(ground_truth)} ground-truth images")
+    if interpolation not in ("11point", "area"):
+        raise ValueError(f"interpolation={interpolation!r}: choose '11point' or 'area'")
+    difficult = [np.asarray(d, bool) for _, d in ground_truth]
+    positives = sum(int((~d).sum()) for d in difficult)
+    if positives == 0:
+        return float("nan")
+    claimed = [np.zeros(d.shape, bool) for d in difficult]
+    outcome = np.zeros(len(scores))  # by rank: 1 true positive, -1 false positive, 0 ignored
+    for rank, k in enumerate(np.argsort(-scores, kind="stable")):
+        image = image_ids[k]
+        gt_boxes = np.asarray(ground_truth[image][0], np.float64).reshape(-1, 4)
+        overlaps = voc_box_iou(boxes[k:k + 1], gt_boxes)[0]
+        j = int(np.argmax(overlaps)) if overlaps.size else -1
+        if j < 0 or overlaps[j] < iou_threshold:
+            outcome[rank] = -1
+        elif not difficult[image][j]:
+            outcome[rank] = -1 if claimed[image][j] else 1
+            claimed[image][j] = True
+    outcome = outcome[outcome != 0]
+    true_positives = np.cumsum(outcome == 1)
+    recall = true_positives / positives
+    precision = true_positives / np.arange(1, len(outcome) + 1)
+    if interpolation == "11point":
+        return float(np.mean([precision[recall >= t].max() if (recall >= t).any() else 0.0
+                              for t in np.linspace(0, 1, 11)]))
+    recall = np.concatenate([[0.0], recall, [1.0]])
+    precision = np.maximum.accumulate(np.concatenate([[0.0], precision, [0.0]])[::-1])[::-1]
+    steps = np.flatnonzero(recall[1:] != recall[:-1])
+    return float(np.sum((recall[steps + 1] - recall[steps]) * precision[steps + 1]))
+
+
+def voc_detection_map(detections: list, ground_truth: list, num_classes: int,
+                      iou_threshold: float = 0.5, interpolation: str = "11point") -> tuple:
+    """Per-class detection AP (`voc_detection_average_precision`) and their mean.
+
+    Args:
+        detections: per image a triple (float [D, 4] boxes, float [D] scores, int [D] classes).
+        ground_truth: per image a triple (float [G, 4] boxes, int [G] classes, bool [G]
+            difficult), in the same image order.
+        num_classes: C; classes lie in [0, C).
+        iou_threshold, interpolation: as `voc_detection_average_precision`.
+
+    Returns:
+        (float64 [C] APs, NaN for a class without non-difficult objects; mAP over the classes
+        that have an AP, NaN if none has).
+    """
+    if len(detections) != len(ground_truth):
+        raise ValueError(f"{len(detections)} images of detections for {len(ground_truth)} of "
+                         "ground truth; give both for the same images")
+    det = [tuple(np.asarray(v) for v in d) for d in detections]
+    gt = [tuple(np.asarray(v) for v in g) for g in ground_truth]
+    aps = np.full(num_classes, np.nan)
+    for c in range(num_classes):
+        picked = [np.asarray(classes) == c for _, _, classes in det]
+        aps[c] = voc_detection_average_precision(
+            np.concatenate([np.full(p.sum(), i) for i, p in enumerate(picked)] + [[]]),
+            np.concatenate([d[1][p] for d, p in zip(det, picked)] + [[]]),
+            np.concatenate([d[0].reshape(-1, 4)[p] for d, p in zip(det, picked)]
+                           + [np.zeros((0, 4))]),
+            [(g[0].reshape(-1, 4)[g[1] == c], g[2][g[1] == c]) for g in gt],
+            iou_threshold, interpolation)
     defined = aps[~np.isnan(aps)]
     return aps, float(defined.mean()) if defined.size else float("nan")
 
