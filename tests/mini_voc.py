@@ -63,6 +63,42 @@ def _annotation(image_id: str, width: int, height: int, objects: list) -> Elemen
     return root
 
 
+def _make_devkit(root) -> str:
+    voc_root = os.path.join(str(root), "VOCdevkit", "VOC2007")
+    for folder in ("JPEGImages", "Annotations", os.path.join("ImageSets", "Main")):
+        os.makedirs(os.path.join(voc_root, folder), exist_ok=True)
+    return voc_root
+
+
+def _write_image(voc_root: str, image_id: str, width: int, height: int, objects: list,
+                 rng) -> np.ndarray:
+    """Draws the objects on noise, writes the JPEG and its XML; returns the label row."""
+    pixels = np.clip(rng.normal(110, 25, (height, width, 3)), 0, 255).astype(np.uint8)
+    image = Image.fromarray(pixels)
+    for obj_cls, box, _ in objects:
+        _draw(ImageDraw.Draw(image), obj_cls, box)
+    image.save(os.path.join(voc_root, "JPEGImages", f"{image_id}.jpg"), quality=95)
+    ElementTree.ElementTree(_annotation(image_id, width, height, objects)).write(
+        os.path.join(voc_root, "Annotations", f"{image_id}.xml"))
+    row = np.full(len(CLASSES), -1)
+    for obj_cls, _, difficult in objects:
+        row[obj_cls] = 1 if not difficult or row[obj_cls] == 1 else 0
+    return row
+
+
+def _write_image_sets(voc_root: str, splits: dict, labels: dict) -> None:
+    """ImageSets/Main: the split lists (train / val alternate within trainval) and the
+    per-class `<class>_<split>.txt` files with 1 / -1 / 0 (difficult only)."""
+    splits["train"], splits["val"] = splits["trainval"][::2], splits["trainval"][1::2]
+    main = os.path.join(voc_root, "ImageSets", "Main")
+    for split, ids in splits.items():
+        with open(os.path.join(main, f"{split}.txt"), "w") as f:
+            f.write("".join(f"{image_id}\n" for image_id in ids))
+        for c, name in enumerate(CLASSES):
+            with open(os.path.join(main, f"{name}_{split}.txt"), "w") as f:
+                f.write("".join(f"{image_id} {labels[image_id][c]:2d}\n" for image_id in ids))
+
+
 def write_mini_voc(root, trainval_per_class: int = 4, test_per_class: int = 3,
                    seed: int = 0) -> str:
     """Writes ROOT/VOCdevkit/VOC2007 and returns that path.
@@ -73,9 +109,7 @@ def write_mini_voc(root, trainval_per_class: int = 4, test_per_class: int = 3,
             is split alternately into train and val.
         seed: seeds the sizes, positions, noise and second objects.
     """
-    voc_root = os.path.join(str(root), "VOCdevkit", "VOC2007")
-    for folder in ("JPEGImages", "Annotations", os.path.join("ImageSets", "Main")):
-        os.makedirs(os.path.join(voc_root, folder), exist_ok=True)
+    voc_root = _make_devkit(root)
     rng = np.random.default_rng(seed)
     splits, labels, number = {"trainval": [], "test": []}, {}, 0
     for split, per_class in (("trainval", trainval_per_class), ("test", test_per_class)):
@@ -87,26 +121,9 @@ def write_mini_voc(root, trainval_per_class: int = 4, test_per_class: int = 3,
             if i % 3 == 2:
                 other = (cls + 1 + int(rng.integers(len(CLASSES) - 1))) % len(CLASSES)
                 objects.append((other, _box(rng, width, height, (0.25, 0.35)), i % 6 == 5))
-            pixels = np.clip(rng.normal(110, 25, (height, width, 3)), 0, 255).astype(np.uint8)
-            image = Image.fromarray(pixels)
-            for obj_cls, box, _ in objects:
-                _draw(ImageDraw.Draw(image), obj_cls, box)
-            image.save(os.path.join(voc_root, "JPEGImages", f"{image_id}.jpg"), quality=95)
-            ElementTree.ElementTree(_annotation(image_id, width, height, objects)).write(
-                os.path.join(voc_root, "Annotations", f"{image_id}.xml"))
-            row = np.full(len(CLASSES), -1)
-            for obj_cls, _, difficult in objects:
-                row[obj_cls] = 1 if not difficult or row[obj_cls] == 1 else 0
             splits[split].append(image_id)
-            labels[image_id] = row
-    splits["train"], splits["val"] = splits["trainval"][::2], splits["trainval"][1::2]
-    main = os.path.join(voc_root, "ImageSets", "Main")
-    for split, ids in splits.items():
-        with open(os.path.join(main, f"{split}.txt"), "w") as f:
-            f.write("".join(f"{image_id}\n" for image_id in ids))
-        for c, name in enumerate(CLASSES):
-            with open(os.path.join(main, f"{name}_{split}.txt"), "w") as f:
-                f.write("".join(f"{image_id} {labels[image_id][c]:2d}\n" for image_id in ids))
+            labels[image_id] = _write_image(voc_root, image_id, width, height, objects, rng)
+    _write_image_sets(voc_root, splits, labels)
     return voc_root
 
 
@@ -120,9 +137,7 @@ def write_mini_voc_detection(root, num_classes: int = 3, trainval_images: int = 
     shorter image side, each drawn as `write_mini_voc` draws it; every fifth object is marked
     difficult. Written as `write_mini_voc` writes its files, with train / val alternating.
     """
-    voc_root = os.path.join(str(root), "VOCdevkit", "VOC2007")
-    for folder in ("JPEGImages", "Annotations", os.path.join("ImageSets", "Main")):
-        os.makedirs(os.path.join(voc_root, folder), exist_ok=True)
+    voc_root = _make_devkit(root)
     rng = np.random.default_rng(seed)
     splits, labels, number, objects_drawn = {"trainval": [], "test": []}, {}, 0, 0
     for split, count in (("trainval", trainval_images), ("test", test_images)):
@@ -138,24 +153,7 @@ def write_mini_voc_detection(root, num_classes: int = 3, trainval_images: int = 
                        or box[3] < other[1] for _, other, _ in objects):
                     objects_drawn += 1
                     objects.append((int(rng.integers(num_classes)), box, objects_drawn % 5 == 0))
-            pixels = np.clip(rng.normal(110, 25, (height, width, 3)), 0, 255).astype(np.uint8)
-            image = Image.fromarray(pixels)
-            for obj_cls, box, _ in objects:
-                _draw(ImageDraw.Draw(image), obj_cls, box)
-            image.save(os.path.join(voc_root, "JPEGImages", f"{image_id}.jpg"), quality=95)
-            ElementTree.ElementTree(_annotation(image_id, width, height, objects)).write(
-                os.path.join(voc_root, "Annotations", f"{image_id}.xml"))
-            row = np.full(len(CLASSES), -1)
-            for obj_cls, _, difficult in objects:
-                row[obj_cls] = 1 if not difficult or row[obj_cls] == 1 else 0
             splits[split].append(image_id)
-            labels[image_id] = row
-    splits["train"], splits["val"] = splits["trainval"][::2], splits["trainval"][1::2]
-    main = os.path.join(voc_root, "ImageSets", "Main")
-    for split, ids in splits.items():
-        with open(os.path.join(main, f"{split}.txt"), "w") as f:
-            f.write("".join(f"{image_id}\n" for image_id in ids))
-        for c, name in enumerate(CLASSES):
-            with open(os.path.join(main, f"{name}_{split}.txt"), "w") as f:
-                f.write("".join(f"{image_id} {labels[image_id][c]:2d}\n" for image_id in ids))
+            labels[image_id] = _write_image(voc_root, image_id, width, height, objects, rng)
+    _write_image_sets(voc_root, splits, labels)
     return voc_root
