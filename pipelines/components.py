@@ -3,11 +3,9 @@
     Pretrain     dc_tf.train.run on a flagfile + flags       -> ModelDir, Export
     Baseline     the same with --epochs=0 (Random) or --supervised (Supervised), same budget
     LinearProbe  eval.linear_probe.run over named exports    -> Metrics (probe.json)
-    Retrieval    eval.retrieval.run for each named export     -> Metrics (retrieval.json)
+    Evaluation   eval.retrieval / voc_classification / voc_detection on each named export
+                                                              -> Metrics (evaluation.json)
     Report       pipelines.report.write_report               -> Report (report.md, .html, PNGs)
-
-An evaluator component other than LinearProbe writes {"evaluator", "table", "models"}: the
-markdown table with one row per model (what the report shows) and each model's own JSON.
 """
 
 import dataclasses
@@ -15,7 +13,7 @@ import json
 import os
 
 from dc_tf import config, train, train_flags
-from eval import linear_probe, retrieval
+from eval import linear_probe, retrieval, voc_classification, voc_detection
 from pipelines import artifacts, report
 from pipelines.engine import PROJECT_ROOT, Component
 
@@ -113,48 +111,56 @@ class LinearProbe(Component):
         linear_probe.run(linear_probe.ProbeConfig(**{**cfg, **tuples}))
 
 
-def merge_tables(tables: list) -> str:
-    """One markdown table from several one-row tables of the same evaluator: the first table's
-    caption and header, then every table's row."""
-    return "\n".join(tables[0].splitlines() + [table.splitlines()[-1] for table in tables[1:]])
+class Evaluation(Component):
+    """One of the evaluation programs on each export, with the same settings.
 
-
-class Retrieval(Component):
-    """eval.retrieval on each export (Oxford / Paris, PROTOCOLS.md §6), one table row per model.
-
-    `settings` are RetrievalConfig fields (layer, pooling, max_size, whiten_on, ...).
+    program: "retrieval" (eval.retrieval, PROTOCOLS.md §6), "voc_classification" (§4) or
+    "voc_detection" (§5); `settings` are fields of that program's config (dataset and
+    data_dir, or voc and mode, ...). Writes evaluation.json: {"program", "tables" (one markdown
+    table per model, captioned with its label), "models" (each model's report)}.
     """
-    OUTPUTS = {"metrics": (artifacts.Metrics, "retrieval.json")}
+    OUTPUTS = {"metrics": (artifacts.Metrics, "evaluation.json")}
     CODE = ("dc_tf", "eval")
+    PROGRAMS = {"retrieval": (retrieval, retrieval.RetrievalConfig),
+                "voc_classification": (voc_classification, voc_classification.VOCConfig),
+                "voc_detection": (voc_detection, voc_detection.DetectionConfig)}
 
-    def __init__(self, name: str, models: dict, dataset: str, data_dir: str, **settings):
+    def __init__(self, name: str, program: str, models: dict, **settings):
+        if program not in self.PROGRAMS:
+            raise config.ConfigError(f"{name}: program={program!r}; choose one of "
+                                     f"{', '.join(self.PROGRAMS)}")
         super().__init__(name, {"models": dict(models)})
-        self.dataset, self.data_dir, self.settings = dataset, data_dir, settings
+        self.program, self.settings = program, settings
 
-    def _config(self, model: str, output: str, label: str) -> retrieval.RetrievalConfig:
+    def _config(self, fields: dict):
+        module, config_class = self.PROGRAMS[self.program]
+        # JSON gives lists back: tuple-valued fields become tuples again.
+        tuples = {f.name for f in dataclasses.fields(config_class)
+                  if isinstance(f.default, tuple)}
+        fields = {k: tuple(v) if k in tuples else v for k, v in fields.items()}
         try:
-            return retrieval.RetrievalConfig(model=model, dataset=self.dataset,
-                                             data_dir=self.data_dir, output=output, name=label,
-                                             **self.settings)
-        except TypeError as e:  # a setting that is no RetrievalConfig field
-            fields = ", ".join(f.name for f in dataclasses.fields(retrieval.RetrievalConfig))
-            raise config.ConfigError(f"{self.name}: {e}; settings are RetrievalConfig fields: "
-                                     f"{fields}") from None
+            return config_class(**fields)
+        except TypeError as e:  # a setting that is no field of the program's config
+            names = ", ".join(f.name for f in dataclasses.fields(config_class))
+            raise config.ConfigError(f"{self.name}: {e}; {self.program} settings are: "
+                                     f"{names}") from None
 
     def resolve(self, out_dir: str, inputs: dict) -> dict:
-        return {label: dataclasses.asdict(retrieval.validate(self._config(
-                    export.path, os.path.join(out_dir, f"{label}.json"), label)))
+        module, config_class = self.PROGRAMS[self.program]
+        named = "name" in {f.name for f in dataclasses.fields(config_class)}
+        return {label: dataclasses.asdict(module.validate(self._config(
+                    {"model": export.path, "output": os.path.join(out_dir, f"{label}.json"),
+                     **({"name": label} if named else {}), **self.settings})))
                 for label, export in inputs["models"].items()}
 
     def execute(self, cfg: dict, inputs: dict, outputs: dict) -> None:
-        reports = {label: retrieval.run(retrieval.RetrievalConfig(
-                       **{**fields, "scales": tuple(fields["scales"])}))
-                   for label, fields in cfg.items()}
-        result = {"evaluator": "retrieval",
-                  "table": merge_tables([retrieval.markdown_table(r) for r in reports.values()]),
-                  "models": reports}
+        module = self.PROGRAMS[self.program][0]
+        reports = {label: module.run(self._config(fields)) for label, fields in cfg.items()}
+        tables = [f"{label}: {module.markdown_table(report)}"
+                  for label, report in reports.items()]
         with open(outputs["metrics"].path, "w") as f:
-            json.dump(result, f, indent=1)
+            json.dump({"program": self.program, "tables": tables, "models": reports}, f,
+                      indent=1)
 
 
 class Report(Component):
@@ -163,21 +169,20 @@ class Report(Component):
     Args:
       probes: table title -> the Metrics output of a LinearProbe.
       runs: model label -> the ModelDir output of a Pretrain or Baseline.
-      evaluations: section title -> the Metrics output of another evaluator (Retrieval, ...).
+      evaluations: section title -> the Metrics output of an Evaluation.
       thresholds: report.Threshold rules, checked and stated pass/fail in the report.
-      planned: lines naming the paper's evaluations this version does not run.
     """
     OUTPUTS = {"report": (artifacts.Report, "report.md")}
     CODE = ("pipelines",)
 
     def __init__(self, name: str, title: str, probes: dict, runs: dict,
-                 thresholds: tuple = (), planned: tuple = (), evaluations: dict = None):
+                 thresholds: tuple = (), evaluations: dict = None):
         super().__init__(name, {"probes": dict(probes), "runs": dict(runs),
                                 "evaluations": dict(evaluations or {})})
-        self.title, self.thresholds, self.planned = title, tuple(thresholds), tuple(planned)
+        self.title, self.thresholds = title, tuple(thresholds)
 
     def resolve(self, out_dir: str, inputs: dict) -> dict:
-        return {"title": self.title, "planned": list(self.planned),
+        return {"title": self.title,
                 "thresholds": [dataclasses.asdict(t) for t in self.thresholds]}
 
     def execute(self, cfg: dict, inputs: dict, outputs: dict) -> None:
@@ -188,6 +193,6 @@ class Report(Component):
             os.path.dirname(outputs["report"].path), cfg["title"],
             {title: load(m) for title, m in inputs["probes"].items()},
             {label: run.path for label, run in inputs["runs"].items()},
-            [report.Threshold(**t) for t in cfg["thresholds"]], cfg["planned"],
-            {title: load(m)["table"] for title, m in inputs["evaluations"].items()})
+            [report.Threshold(**t) for t in cfg["thresholds"]],
+            {title: load(m)["tables"] for title, m in inputs["evaluations"].items()})
 

@@ -9,16 +9,14 @@
                       the protocol's augmentation and ten crops; and, as the paper's Table 5,
                       VGG16 (flags/vgg16.cfg) trained the same three ways and evaluated on
                       Oxford5k / Paris6k and their revisited versions. Needs --data_dir with
-                      both TFDS datasets prepared and the retrieval data in DATA_DIR/retrieval
-                      (the layout of eval/retrieval.py).
-
-The paper's VOC 2007 classification and detection (Table 2) are not components yet: the
-report lists them under "Not in this version" instead of a result.
+                      both TFDS datasets prepared, VOC 2007 in DATA_DIR/VOCdevkit/VOC2007 (for
+                      Table 2: classification fc6-8 and all, detection) and the retrieval data
+                      in DATA_DIR/retrieval (the layout of eval/retrieval.py).
 """
 
 import os
 
-from pipelines.components import Baseline, LinearProbe, Pretrain, Report, Retrieval
+from pipelines.components import Baseline, Evaluation, LinearProbe, Pretrain, Report
 from pipelines.engine import Pipeline
 from pipelines.report import Threshold
 
@@ -86,13 +84,22 @@ def imagenet_alexnet(data_dir: str = "") -> Pipeline:
                     "tfds:imagenet2012:validation", data_dir, **protocol),
         LinearProbe("LinearProbePlaces", _exports(models), "tfds:places365_small:train",
                     "tfds:places365_small:validation", data_dir, **protocol)]
+    # Table 2: VOC 2007 classification (fc6-8, all) and detection with the AlexNet exports.
+    voc = os.path.join(data_dir, "VOCdevkit", "VOC2007")
+    evaluations = {
+        "VOC07 classification, fc6-8": Evaluation("VOCClassificationFc68", "voc_classification",
+                                                  _exports(models), voc=voc, mode="fc6_8"),
+        "VOC07 classification, all": Evaluation("VOCClassificationAll", "voc_classification",
+                                                _exports(models), voc=voc, mode="all"),
+        "VOC07 detection, all": Evaluation("VOCDetection", "voc_detection", _exports(models),
+                                           voc=voc, mode="all")}
     # Table 5: VGG16 conv5_3, R-MAC at 1024 px, whitening learned on the other dataset.
     vgg16 = _models("flags/vgg16.cfg", flags, prefix="VGG16")
-    retrieval_dir = os.path.join(data_dir, "retrieval")
-    retrievals = {f"Retrieval: {title}": Retrieval(f"Retrieval{title}", _exports(vgg16), name,
-                                                   retrieval_dir)
-                  for title, name in (("Oxford5k", "oxford5k"), ("Paris6k", "paris6k"),
-                                      ("ROxford5k", "roxford5k"), ("RParis6k", "rparis6k"))}
+    for title, name in (("Oxford5k", "oxford5k"), ("Paris6k", "paris6k"),
+                        ("ROxford5k", "roxford5k"), ("RParis6k", "rparis6k")):
+        evaluations[f"Retrieval: {title}"] = Evaluation(
+            f"Retrieval{title}", "retrieval", _exports(vgg16), dataset=name,
+            data_dir=os.path.join(data_dir, "retrieval"))
     runs = {**_model_dirs(models),
             **{f"VGG16 {label}": d for label, d in _model_dirs(vgg16).items()}}
     report = Report(
@@ -103,12 +110,9 @@ def imagenet_alexnet(data_dir: str = "") -> Pipeline:
                     # Paper Table 1: conv5 38.2 (DeepCluster) vs 14.1 (random) on ImageNet.
                     Threshold("DeepCluster", "top1_best:conv5", baseline="Random", margin=0.10,
                               probe="ImageNet")),
-        planned=("VOC 2007 classification, fc6-8 and all layers (paper Table 2): not a "
-                 "pipeline component yet",
-                 "VOC 2007 detection (paper Tables 2 and 4): not a pipeline component yet"),
-        evaluations={title: r.output("metrics") for title, r in retrievals.items()})
+        evaluations={title: e.output("metrics") for title, e in evaluations.items()})
     return Pipeline("imagenet_alexnet", (*models.values(), *vgg16.values(), *probes,
-                                         *retrievals.values(), report))
+                                         *evaluations.values(), report))
 
 
 PIPELINES = {"smoke": smoke, "fashion_mnist": fashion_mnist,

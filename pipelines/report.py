@@ -139,14 +139,14 @@ def _slug(text: str) -> str:
 # ------------------------------------------------------------------------------ the report
 
 def write_report(out_dir: str, title: str, probe_reports: dict, runs: dict, thresholds: list,
-                 planned: list, evaluation_tables: dict = None) -> str:
+                 evaluation_tables: dict = None) -> str:
     """Writes report.md, report.html and the plots into out_dir; returns report.md's path.
 
     Args:
       probe_reports: table title -> eval.linear_probe's JSON (dict).
       runs: model label -> a dc_tf.train model_dir.
-      thresholds: Threshold rules; planned: lines on evaluations this version does not run.
-      evaluation_tables: section title -> markdown table of another evaluator (caption, table).
+      thresholds: Threshold rules.
+      evaluation_tables: section title -> an Evaluation's markdown tables (caption, table).
     """
     os.makedirs(out_dir, exist_ok=True)
     for stale in glob.glob(os.path.join(out_dir, "*.png")):
@@ -178,8 +178,8 @@ def write_report(out_dir: str, title: str, probe_reports: dict, runs: dict, thre
                      "top-1 % (best epoch)", series)
         blocks.append(("img", name, f"probe top-1 per layer, {probe_title}"))
 
-    for section, table in (evaluation_tables or {}).items():
-        blocks += [("h2", section), ("md", table)]
+    for section, tables in (evaluation_tables or {}).items():
+        blocks += [("h2", section), *(("md", table) for table in tables)]
 
     metrics = {label: read_metrics(path) for label, path in runs.items()}
     keys = ["loss", "nmi_labels", "nmi_prev", "empty_clusters"]
@@ -215,8 +215,6 @@ def write_report(out_dir: str, title: str, probe_reports: dict, runs: dict, thre
                                     "Cluster sizes at the last epoch", "cluster (largest first)",
                                     "images", sizes, log_y=True), "cluster-size distribution"))
 
-    if planned:
-        blocks += [("h2", "Not in this version"), ("ul", list(planned))]
 
     path = os.path.join(out_dir, "report.md")
     for name, text in (("report.md", _markdown(blocks)), ("report.html", _html(title, blocks))):
@@ -239,8 +237,6 @@ def _markdown(blocks: list) -> str:
                                  + ["| " + " | ".join(row) + " |" for row in rows]))
         elif kind == "img":
             out.append(f"![{args[1]}]({args[0]})")
-        elif kind == "ul":
-            out.append("\n".join(f"- {item}" for item in args[0]))
     return "\n\n".join(out) + "\n"
 
 
@@ -268,8 +264,6 @@ def _html(title: str, blocks: list) -> str:
             out.append(_html_table(*args))
         elif kind == "img":
             out.append(f'<p><img src="{html.escape(args[0])}" alt="{html.escape(args[1])}"></p>')
-        elif kind == "ul":
-            out.append("<ul>" + "".join(f"<li>{html.escape(i)}</li>" for i in args[0]) + "</ul>")
     style = ("body{font-family:sans-serif;max-width:60em;margin:auto}table{border-collapse:"
              "collapse}td,th{border:1px solid #ccc;padding:2px 6px}")
     return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}"

@@ -325,13 +325,15 @@ def test_command_line(mini):
     assert result.returncode == 1 and "error: --layer=fc7" in result.stderr
 
 
-def test_pipeline_component_gives_one_table_row_per_model(mini, tmp_path):
+def test_pipeline_evaluation_runs_the_program_on_each_export(mini, tmp_path):
     from absl.testing import flagsaver
     from pipelines import engine
-    from pipelines.components import Baseline, Report, Retrieval
+    from pipelines.artifacts import Export
+    from pipelines.components import Baseline, Evaluation, Report
     random = Baseline("Random", "random", "flags/smoke.cfg")
     exports = {"Random": random.output("export"), "Random again": random.output("export")}
-    search = Retrieval("Retrieval", exports, "roxford5k", mini["data"], max_size=SIZE[0])
+    search = Evaluation("Retrieval", "retrieval", exports, dataset="roxford5k",
+                        data_dir=mini["data"], max_size=SIZE[0], scales=[1.0])
     report = Report("Report", "retrieval only", {}, {},
                     evaluations={"Retrieval: ROxford5k": search.output("metrics")})
     with flagsaver.flagsaver():
@@ -339,10 +341,13 @@ def test_pipeline_component_gives_one_table_row_per_model(mini, tmp_path):
                                        str(tmp_path))
     assert [(o.component, o.state) for o in outcomes] == [
         ("Random", "ran"), ("Retrieval", "ran"), ("Report", "ran")], outcomes
-    result = json.load(open(tmp_path / "Retrieval" / "retrieval.json"))
-    assert result["evaluator"] == "retrieval" and set(result["models"]) == set(exports)
+    result = json.load(open(tmp_path / "Retrieval" / "evaluation.json"))
+    assert result["program"] == "retrieval" and set(result["models"]) == set(exports)
     medium = {label: r["metrics"]["medium"]["map"] for label, r in result["models"].items()}
     assert medium["Random"] == medium["Random again"] > 0  # the same export, the same ranking
     text = open(tmp_path / "Report" / "report.md").read()
     assert "## Retrieval: ROxford5k" in text
     assert "| Random |" in text and "| Random again |" in text
+    with pytest.raises(ConfigError, match="retrieval settings are"):
+        Evaluation("Bad", "retrieval", exports, datasett="x").resolve(
+            str(tmp_path), {"models": {"Random": Export(str(tmp_path))}})
