@@ -3,7 +3,8 @@
     smoke             flags/smoke.cfg (512 images): DeepCluster, Random, Supervised, a 1-epoch
                       probe, the report. Seconds; the test runs it.
     fashion_mnist     flags/fashion_mnist.cfg for all three models, the probes on
-                      Fashion-MNIST train -> test, the report. About 45 minutes on 2 CPU cores.
+                      Fashion-MNIST train -> test, the report. 38 minutes on 2 CPU cores
+                      (bench/RESULTS.md §7).
     imagenet_alexnet  the paper's run: flags/alexnet.cfg on tfds:imagenet2012, probes on ImageNet
                       and Places205's successor in TFDS (places365_small), 90 epochs each with
                       the protocol's augmentation and ten crops; and, as the paper's Table 5,
