@@ -36,7 +36,8 @@ def plain_fit(cfg, epochs: int) -> float:
     logits = keras.layers.Dense(cfg.num_clusters)(backbone(inputs)[models.head_endpoint(cfg.arch)])
     model = keras.Model(inputs, logits)
     model.compile(keras.optimizers.SGD(cfg.learning_rate, momentum=cfg.momentum),
-                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  jit_compile=cfg.jit_compile)
     labels = np.random.default_rng(0).integers(0, cfg.num_clusters, source.num_examples)
     n = source.num_examples
     ds = tf.data.Dataset.range(n).shuffle(n).repeat().map(

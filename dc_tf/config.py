@@ -12,7 +12,7 @@ ARCHS = ("alexnet", "vgg16", "resnet50", "small_vgg")
 CLUSTERINGS = ("kmeans", "pic")
 # What may differ between a model_dir's run and the command resuming it (the folder's own path
 # may be spelled differently: relative, absolute, through a link).
-RESUMABLE_CHANGES = ("epochs", "learning_rate", "model_dir")
+RESUMABLE_CHANGES = ("epochs", "learning_rate", "model_dir", "jit_compile")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +48,8 @@ class TrainConfig:
     seed: int = 31
     # Baselines: train on the ground-truth labels instead of clusters (the Supervised row).
     supervised: bool = False
+    # Speed only: compile the training step with XLA.
+    jit_compile: bool = False
     # Output.
     model_dir: str = ""
     # Filled in by train.main() once the dataset is open; not flags.

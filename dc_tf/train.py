@@ -82,7 +82,7 @@ def _train(cfg: config.TrainConfig, source: data.Source, backbone: keras.Model,
                              cfg.num_clusters, cfg.weight_decay, seed=cfg.seed)
     model.compile(
         backbone_optimizer=keras.optimizers.SGD(cfg.learning_rate, momentum=cfg.momentum),
-        head_optimizer=keras.optimizers.SGD(cfg.learning_rate))
+        head_optimizer=keras.optimizers.SGD(cfg.learning_rate), jit_compile=cfg.jit_compile)
     checkpoint = RunCheckpoint(model, os.path.join(model_dir, "checkpoints"))
     initial_epoch = checkpoint.restore()
     for optimizer in (model.optimizer, model.head_optimizer):  # the flag wins over the checkpoint

@@ -50,6 +50,9 @@ flags.DEFINE_bool("supervised", _D.supervised,
                   "Baseline: train on the dataset's labels (one output per class, --num_clusters "
                   "ignored) with the same network, sampling and budget. --epochs=0 exports the "
                   "untrained network (the Random baseline).")
+flags.DEFINE_bool("jit_compile", _D.jit_compile,
+                  "Compile the training step with XLA (speed only; may change when resuming). "
+                  "bench/RESULTS.md §2 has its effect on the default run.")
 
 
 def _floats(flag: str, values, length=None) -> tuple:
@@ -75,7 +78,7 @@ def config_from_flags() -> config.TrainConfig:
         pca_sample=f.pca_sample, kmeans_iters=f.kmeans_iters, epochs=f.epochs,
         batch_size=f.batch_size, learning_rate=f.learning_rate, momentum=f.momentum,
         weight_decay=f.weight_decay, reassign=f.reassign, seed=f.seed, model_dir=f.model_dir,
-        supervised=f.supervised)
+        supervised=f.supervised, jit_compile=f.jit_compile)
 
 
 def config_from_argv(argv: list) -> config.TrainConfig:
