@@ -134,3 +134,13 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
     assert sorted(os.listdir(model_dir / "assignments")) == [
         "epoch_0000.npy", "epoch_0001.npy", "epoch_0002.npy", "final.npy"]
     assert (model_dir / "export" / "saved_model.pb").exists()
+
+
+def test_jit_compile_can_be_switched_on_when_resuming(smoke_config):
+    from dc_tf import train
+    train.run(smoke_config("--epochs=1"))
+    cfg = train.run(smoke_config("--epochs=2", "--jit_compile"))
+    rows = [json.loads(line) for line in open(os.path.join(cfg.model_dir, "metrics.jsonl"))]
+    assert [row["epoch"] for row in rows] == [0, 1]
+    assert all(np.isfinite(row["loss"]) for row in rows), rows
+    assert json.load(open(os.path.join(cfg.model_dir, "config.json")))["jit_compile"] is True
