@@ -157,3 +157,20 @@ def write_mini_voc_detection(root, num_classes: int = 3, trainval_images: int = 
             labels[image_id] = _write_image(voc_root, image_id, width, height, objects, rng)
     _write_image_sets(voc_root, splits, labels)
     return voc_root
+
+
+def prepare_tfds(root, data_dir: str) -> None:
+    """Prepares TFDS voc/2007 in data_dir with TFDS's own builder from the miniature extracted
+    at ROOT (written by one of the functions above), in place of the download of the tars."""
+    import tensorflow_datasets as tfds
+    builder = tfds.builder("voc/2007", data_dir=data_dir)
+
+    class LocalFiles:
+        """Stands in for the download of the two VOC tars: both are extracted at root."""
+        downloaded_size = 0
+
+        def download_and_extract(self, urls):
+            return {key: str(root) for key in urls}
+
+    builder._make_download_manager = lambda *args, **kwargs: LocalFiles()
+    builder.download_and_prepare()  # TFDS's own VOC builder writes the records

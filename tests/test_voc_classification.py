@@ -119,19 +119,8 @@ def test_devkit_reader(tmp_path):
 
 
 def test_tfds_reader_matches_the_devkit(tmp_path):
-    import tensorflow_datasets as tfds
     mini_voc.write_mini_voc(tmp_path, trainval_per_class=1, test_per_class=1)
-    builder = tfds.builder("voc/2007", data_dir=str(tmp_path / "tfds"))
-
-    class LocalFiles:
-        """Stands in for the download of the two VOC tars: both are extracted at tmp_path."""
-        downloaded_size = 0
-
-        def download_and_extract(self, urls):
-            return {key: str(tmp_path) for key in urls}
-
-    builder._make_download_manager = lambda *args, **kwargs: LocalFiles()
-    builder.download_and_prepare()  # TFDS's own VOC builder writes the records
+    mini_voc.prepare_tfds(tmp_path, str(tmp_path / "tfds"))
     with pytest.raises(ConfigError, match="tfds build voc/2007"):
         voc.open_split("tfds:voc/2007", "test", str(tmp_path / "nothing"))
     for split in ("trainval", "test"):

@@ -234,19 +234,8 @@ def test_all_mode_trains_the_backbone(mini, untrained):
 
 def test_devkit_and_tfds_splits_combine(tmp_path):
     """The 07+12 path: two splits in one training set, one of them read from TFDS records."""
-    import tensorflow_datasets as tfds
     root = mini_voc.write_mini_voc_detection(tmp_path, trainval_images=6, test_images=2)
-    builder = tfds.builder("voc/2007", data_dir=str(tmp_path / "tfds"))
-
-    class LocalFiles:
-        """Stands in for the download of the two VOC tars: both are extracted at tmp_path."""
-        downloaded_size = 0
-
-        def download_and_extract(self, urls):
-            return {key: str(tmp_path) for key in urls}
-
-    builder._make_download_manager = lambda *args, **kwargs: LocalFiles()
-    builder.download_and_prepare()  # TFDS's own VOC builder writes the records
+    mini_voc.prepare_tfds(tmp_path, str(tmp_path / "tfds"))
     devkit = voc.open_split(root, "trainval")
     images = detection_data.combine(
         [devkit, voc.open_split("tfds:voc/2007", "trainval", str(tmp_path / "tfds"))])
