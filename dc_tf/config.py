@@ -10,9 +10,15 @@ import json
 
 ARCHS = ("alexnet", "vgg16", "resnet50", "small_vgg")
 CLUSTERINGS = ("kmeans", "pic")
+# k-means assignment step: an exact L2 index, or FAISS's HNSW graph over the centroids.
+KMEANS_ASSIGNS = ("exact", "hnsw")
+# "default": one device; "mirrored": tf.distribute.MirroredStrategy over the local devices;
+# "multi_worker": MultiWorkerMirroredStrategy, the cluster read from TF_CONFIG.
+STRATEGIES = ("default", "mirrored", "multi_worker")
 # What may differ between a model_dir's run and the command resuming it (the folder's own path
 # may be spelled differently: relative, absolute, through a link).
-RESUMABLE_CHANGES = ("epochs", "learning_rate", "model_dir", "jit_compile")
+RESUMABLE_CHANGES = ("epochs", "learning_rate", "model_dir", "jit_compile", "mixed_precision",
+                     "strategy")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +44,7 @@ class TrainConfig:
     pca_dim: int = 256
     pca_sample: int = 50000
     kmeans_iters: int = 20
+    kmeans_assign: str = "exact"
     # Optimisation.
     epochs: int = 500
     batch_size: int = 256
@@ -48,8 +55,11 @@ class TrainConfig:
     seed: int = 31
     # Baselines: train on the ground-truth labels instead of clusters (the Supervised row).
     supervised: bool = False
-    # Speed only: compile the training step with XLA.
+    # Speed only: compile the training step with XLA; compute in bfloat16 (float32 variables);
+    # spread training and the feature pass over devices or workers.
     jit_compile: bool = False
+    mixed_precision: bool = False
+    strategy: str = "default"
     # Output.
     model_dir: str = ""
     # Filled in by train.main() once the dataset is open; not flags.
@@ -81,6 +91,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         _fail("arch", cfg.arch, f"unknown architecture; choose one of {', '.join(ARCHS)}")
     if cfg.clustering not in CLUSTERINGS:
         _fail("clustering", cfg.clustering, f"choose one of {', '.join(CLUSTERINGS)}")
+    if cfg.kmeans_assign not in KMEANS_ASSIGNS:
+        _fail("kmeans_assign", cfg.kmeans_assign, f"choose one of {', '.join(KMEANS_ASSIGNS)}")
+    if cfg.strategy not in STRATEGIES:
+        _fail("strategy", cfg.strategy, f"choose one of {', '.join(STRATEGIES)}")
     if cfg.epochs < 0:
         _fail("epochs", cfg.epochs, "must be >= 0 (0 exports the untrained network)")
     for name in ("batch_size", "num_clusters", "reassign", "image_size", "kmeans_iters"):

@@ -78,14 +78,15 @@ class _FeatureModule(tf.Module):
 
     def _serve(self, images):
         outputs = self.backbone(self._checked(images), training=False)
-        return {name: tf.identity(value, name=name) for name, value in outputs.items()}
+        return _float32(outputs)
 
     def _conv_features(self, images):
         outputs = self.conv_backbone(self._checked(images, any_size=True), training=False)
-        return {name: tf.identity(value, name=name) for name, value in outputs.items()}
+        return _float32(outputs)
 
     def _assign(self, images):
-        x = self.backbone(self._checked(images), training=False)[self.cluster_endpoint]
+        x = tf.cast(self.backbone(self._checked(images), training=False)[self.cluster_endpoint],
+                    tf.float32)
         z = tf.matmul(x - self.pca_mean, self.pca_matrix)
         # As clustering.l2_normalize: x / (||x|| + 1e-10).
         z = z / (tf.norm(z, axis=1, keepdims=True) + 1e-10)
@@ -95,6 +96,11 @@ class _FeatureModule(tf.Module):
         cluster = tf.argmin(d2, axis=1, output_type=tf.int32)
         distance = tf.sqrt(tf.maximum(tf.reduce_min(d2, axis=1), 0.0))
         return {"cluster": cluster, "distance": distance, "embedding": z}
+
+
+def _float32(outputs: dict) -> dict:
+    """The endpoints as float32 (a mixed-precision backbone computes them in bfloat16)."""
+    return {name: tf.cast(value, tf.float32, name=name) for name, value in outputs.items()}
 
 
 def export_saved_model(backbone: keras.Model, path: str, image_size: int, channels: int,

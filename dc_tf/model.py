@@ -34,7 +34,7 @@ class DeepClusterModel(keras.Model):
         self.num_clusters = num_clusters
         self.head = keras.layers.Dense(
             num_clusters, kernel_initializer=keras.initializers.RandomNormal(0.0, 0.01, seed=seed),
-            name="top_layer")
+            name="top_layer", dtype="float32")  # float32 logits under mixed precision
         self.head.build(backbone.output[head_endpoint].shape)
         self._head_seed = keras.random.SeedGenerator(seed)
         self.pseudo_labels = self.add_weight(shape=(num_examples,), dtype="int32",

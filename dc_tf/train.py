@@ -7,6 +7,7 @@ Re-running a command with the same --model_dir resumes from its last checkpoint.
 `tensorboard --logdir=MODEL_DIR/logs`.
 """
 
+import contextlib
 import errno
 import math
 import os
@@ -44,11 +45,35 @@ def run(cfg: config.TrainConfig, overwrite: bool = False) -> config.TrainConfig:
     classes = {"num_clusters": int(labels.max()) + 1} if cfg.supervised else {}
     cfg = config.with_data(cfg, source.channels, source.num_examples, **classes)
     keras.utils.set_random_seed(cfg.seed)
+    with _precision_policy("mixed_bfloat16" if cfg.mixed_precision else "float32"):
+        try:
+            backbone = models.build_backbone(cfg.arch, cfg.image_size, cfg.channels, cfg.sobel,
+                                             cfg.mean, cfg.std, seed=cfg.seed)
+        except ValueError as e:  # --image_size too small for --arch, --mean of the wrong length
+            raise config.ConfigError(str(e)) from e
+        _check_and_train(cfg, source, backbone, labels, overwrite)
+    return cfg
+
+
+@contextlib.contextmanager
+def _precision_policy(name: str):
+    """Keras's global dtype policy for the layers built inside, restored afterwards.
+
+    mixed_bfloat16 computes in bfloat16 and keeps float32 variables; bfloat16 has float32's
+    exponent range, so no loss scaling is needed. The top layer and the clustering features
+    stay float32 (DeepClusterModel, the feature pass).
+    """
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(name)
     try:
-        backbone = models.build_backbone(cfg.arch, cfg.image_size, cfg.channels, cfg.sobel,
-                                         cfg.mean, cfg.std, seed=cfg.seed)
-    except ValueError as e:  # an --image_size too small for --arch, a --mean of the wrong length
-        raise config.ConfigError(str(e)) from e
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+
+
+def _check_and_train(cfg: config.TrainConfig, source: data.Source, backbone: keras.Model,
+                     labels: Optional[np.ndarray], overwrite: bool) -> None:
+    """Checks the configuration against the data and the network, then trains in MODEL_DIR."""
     cluster_endpoint = models.cluster_endpoint(cfg.arch)
     if not cfg.supervised:
         config.check_against_data(cfg, backbone.output[cluster_endpoint].shape[-1])
@@ -63,7 +88,6 @@ def run(cfg: config.TrainConfig, overwrite: bool = False) -> config.TrainConfig:
         run_dir.claim(cfg, overwrite)
         failpoints.reach("run.config_written")
         _train(cfg, source, backbone, cluster_endpoint, labels)
-    return cfg
 
 
 def _train(cfg: config.TrainConfig, source: data.Source, backbone: keras.Model,
@@ -100,7 +124,7 @@ def _train(cfg: config.TrainConfig, source: data.Source, backbone: keras.Model,
     else:
         @tf.function
         def infer(images):
-            return backbone(images, training=False)[cluster_endpoint]
+            return tf.cast(backbone(images, training=False)[cluster_endpoint], tf.float32)
 
         order = (np.random.default_rng(cfg.seed).permutation(cfg.num_examples)
                  if source.random_access else None)  # the PCA sample is the head of this order

@@ -35,6 +35,10 @@ flags.DEFINE_string("clustering", _D.clustering, "kmeans or pic.")
 flags.DEFINE_integer("pca_dim", _D.pca_dim, "PCA-whitening dimension before clustering (0 = no PCA).")
 flags.DEFINE_integer("pca_sample", _D.pca_sample, "Number of images the PCA is fitted on.")
 flags.DEFINE_integer("kmeans_iters", _D.kmeans_iters, "k-means iterations (paper: 20).")
+flags.DEFINE_string("kmeans_assign", _D.kmeans_assign,
+                    "k-means assignment step: exact (the paper: exhaustive L2 search) or hnsw "
+                    "(FAISS's HNSW graph over the centroids: faster for large k, approximate; "
+                    "bench/RESULTS.md has its figures).")
 flags.DEFINE_integer("epochs", _D.epochs, "Number of epochs (paper: 500).")
 flags.DEFINE_integer("batch_size", _D.batch_size, "Batch size (paper: 256).")
 flags.DEFINE_float("learning_rate", _D.learning_rate, "Constant SGD learning rate (paper: 0.05).")
@@ -53,6 +57,13 @@ flags.DEFINE_bool("supervised", _D.supervised,
 flags.DEFINE_bool("jit_compile", _D.jit_compile,
                   "Compile the training step with XLA (speed only; may change when resuming). "
                   "bench/RESULTS.md §2 has its effect on the default run.")
+flags.DEFINE_bool("mixed_precision", _D.mixed_precision,
+                  "Compute in bfloat16 with float32 variables (Keras policy mixed_bfloat16; no loss "
+                  "scaling needed). Speed only; may change when resuming.")
+flags.DEFINE_string("strategy", _D.strategy,
+                    "default (one device), mirrored (tf.distribute.MirroredStrategy over the local "
+                    "GPUs) or multi_worker (MultiWorkerMirroredStrategy, cluster from TF_CONFIG). "
+                    "--batch_size is the global batch.")
 
 
 def _floats(flag: str, values, length=None) -> tuple:
@@ -75,10 +86,12 @@ def config_from_flags() -> config.TrainConfig:
         crop_scale=_floats("crop_scale", f.crop_scale, 2),
         crop_ratio=_floats("crop_ratio", f.crop_ratio, 2),
         num_clusters=f.num_clusters, clustering=f.clustering, pca_dim=f.pca_dim,
-        pca_sample=f.pca_sample, kmeans_iters=f.kmeans_iters, epochs=f.epochs,
+        pca_sample=f.pca_sample, kmeans_iters=f.kmeans_iters, kmeans_assign=f.kmeans_assign,
+        epochs=f.epochs,
         batch_size=f.batch_size, learning_rate=f.learning_rate, momentum=f.momentum,
         weight_decay=f.weight_decay, reassign=f.reassign, seed=f.seed, model_dir=f.model_dir,
-        supervised=f.supervised, jit_compile=f.jit_compile)
+        supervised=f.supervised, jit_compile=f.jit_compile, mixed_precision=f.mixed_precision,
+        strategy=f.strategy)
 
 
 def config_from_argv(argv: list) -> config.TrainConfig:

@@ -144,3 +144,20 @@ def test_jit_compile_can_be_switched_on_when_resuming(smoke_config):
     assert [row["epoch"] for row in rows] == [0, 1]
     assert all(np.isfinite(row["loss"]) for row in rows), rows
     assert json.load(open(os.path.join(cfg.model_dir, "config.json")))["jit_compile"] is True
+
+
+def test_mixed_precision_can_be_switched_on_and_exports_float32(smoke_config):
+    import keras
+    import tensorflow as tf
+    from dc_tf import train
+    train.run(smoke_config("--epochs=1"))
+    cfg = train.run(smoke_config("--epochs=2", "--mixed_precision"))
+    rows = [json.loads(line) for line in open(os.path.join(cfg.model_dir, "metrics.jsonl"))]
+    assert [row["epoch"] for row in rows] == [0, 1]
+    assert all(np.isfinite(row["loss"]) for row in rows), rows
+    assert keras.mixed_precision.global_policy().name == "float32"  # restored after the run
+    export = tf.saved_model.load(os.path.join(cfg.model_dir, "export"))
+    images = tf.zeros([2, cfg.image_size, cfg.image_size, cfg.channels], tf.uint8)
+    outputs = export.signatures["serving_default"](images=images)
+    assert {v.dtype for v in outputs.values()} == {tf.float32}
+    assert export.signatures["assign"](images=images)["embedding"].dtype == tf.float32
