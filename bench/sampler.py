@@ -44,11 +44,13 @@ def main():
     # Indices only: the benchmark never decodes, so the source holds no images.
     source = ArraySource("bench", n, 1, None, images=np.zeros((1, 1, 1, 1), np.uint8))
     pairs = accepted_pairs(source, tf.Variable(labels), tf.Variable(accept), seed=0)
+    # The sampler's own output, batched straight away: any per-element work downstream (the
+    # training pipeline's decode map) belongs to the input pipeline (bench/input_pipeline.py).
     batch = 65536
-    batches = pairs.map(lambda index, payload: index).batch(batch).take(-(-n // batch))
+    batches = pairs.batch(batch).take(-(-n // batch))
 
     start = time.time()
-    drawn = np.concatenate([b.numpy() for b in batches])[:n]
+    drawn = np.concatenate([index.numpy() for index, _ in batches])[:n]
     seconds = time.time() - start
 
     counts = np.bincount(labels[drawn], minlength=k)

@@ -10,8 +10,8 @@ import json
 
 ARCHS = ("alexnet", "vgg16", "resnet50", "small_vgg")
 CLUSTERINGS = ("kmeans", "pic")
-# k-means assignment step: an exact L2 index, or FAISS's HNSW graph over the centroids.
-KMEANS_ASSIGNS = ("exact", "hnsw")
+# k-means: the paper's (exact, flat), or FAISS's two-level clustering refined by one exact step.
+KMEANS_MODES = ("exact", "two_level")
 # "default": one device; "mirrored": tf.distribute.MirroredStrategy over the local devices;
 # "multi_worker": MultiWorkerMirroredStrategy, the cluster read from TF_CONFIG.
 STRATEGIES = ("default", "mirrored", "multi_worker")
@@ -44,7 +44,7 @@ class TrainConfig:
     pca_dim: int = 256
     pca_sample: int = 50000
     kmeans_iters: int = 20
-    kmeans_assign: str = "exact"
+    kmeans_mode: str = "exact"
     # Optimisation.
     epochs: int = 500
     batch_size: int = 256
@@ -91,8 +91,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         _fail("arch", cfg.arch, f"unknown architecture; choose one of {', '.join(ARCHS)}")
     if cfg.clustering not in CLUSTERINGS:
         _fail("clustering", cfg.clustering, f"choose one of {', '.join(CLUSTERINGS)}")
-    if cfg.kmeans_assign not in KMEANS_ASSIGNS:
-        _fail("kmeans_assign", cfg.kmeans_assign, f"choose one of {', '.join(KMEANS_ASSIGNS)}")
+    if cfg.kmeans_mode not in KMEANS_MODES:
+        _fail("kmeans_mode", cfg.kmeans_mode, f"choose one of {', '.join(KMEANS_MODES)}")
     if cfg.strategy not in STRATEGIES:
         _fail("strategy", cfg.strategy, f"choose one of {', '.join(STRATEGIES)}")
     if cfg.epochs < 0:

@@ -41,10 +41,13 @@ class Clusterer:
       num_clusters: k (for PIC, the most clusters the top layer can hold).
       kmeans_iters: k-means iterations.
       seed: base seed; reclustering t uses seed + t, so every epoch has a fresh k-means init.
+      kmeans_mode: "exact" or "two_level" (`clustering.kmeans`).
     """
 
-    def __init__(self, method: str, num_clusters: int, kmeans_iters: int, seed: int):
+    def __init__(self, method: str, num_clusters: int, kmeans_iters: int, seed: int,
+                 kmeans_mode: str = "exact"):
         self.method, self.k, self.iters, self.seed = method, num_clusters, kmeans_iters, seed
+        self.mode = kmeans_mode
 
     def cluster(self, x: np.ndarray, epoch: int):
         """Clusters the rows of x: (labels int32 [n], centroids float32 [c, d], loss, empty).
@@ -54,7 +57,8 @@ class Clusterer:
         failpoints.reach("kmeans.started")
         if self.method == "kmeans":
             result = clustering.kmeans(x, self.k, seed=int(self.seed + epoch), niter=self.iters,
-                                       verbose=len(x) >= 100_000)  # FAISS prints per iteration
+                                       verbose=len(x) >= 100_000,  # FAISS logs each iteration
+                                       mode=self.mode)
             failpoints.reach("kmeans.done")
             return result.labels, result.centroids, result.loss, result.empty_clusters
         labels = clustering.pic(x, max_clusters=self.k)

@@ -131,7 +131,8 @@ def _train(cfg: config.TrainConfig, source: data.Source, backbone: keras.Model,
         labeller = ReclusterCallback(
             infer, lambda: pipelines.feature_dataset(source, cfg.resize_size, cfg.image_size,
                                                      cfg.batch_size, order),
-            Clusterer(cfg.clustering, cfg.num_clusters, cfg.kmeans_iters, cfg.seed),
+            Clusterer(cfg.clustering, cfg.num_clusters, cfg.kmeans_iters, cfg.seed,
+                      cfg.kmeans_mode),
             cfg.num_examples, cfg.pca_dim, cfg.pca_sample, model_dir, cfg.reassign)
         labeller.resume(initial_epoch)
     saver = CheckpointCallback(checkpoint)

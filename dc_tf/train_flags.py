@@ -35,10 +35,11 @@ flags.DEFINE_string("clustering", _D.clustering, "kmeans or pic.")
 flags.DEFINE_integer("pca_dim", _D.pca_dim, "PCA-whitening dimension before clustering (0 = no PCA).")
 flags.DEFINE_integer("pca_sample", _D.pca_sample, "Number of images the PCA is fitted on.")
 flags.DEFINE_integer("kmeans_iters", _D.kmeans_iters, "k-means iterations (paper: 20).")
-flags.DEFINE_string("kmeans_assign", _D.kmeans_assign,
-                    "k-means assignment step: exact (the paper: exhaustive L2 search) or hnsw "
-                    "(FAISS's HNSW graph over the centroids: faster for large k, approximate; "
-                    "bench/RESULTS.md has its figures).")
+flags.DEFINE_string("kmeans_mode", _D.kmeans_mode,
+                    "exact (the paper: Lloyd iterations over all k centroids) or two_level "
+                    "(FAISS's two-level clustering, sqrt(k) cells then k-means inside each, "
+                    "refined by one exact step: several times faster at large k, slightly higher "
+                    "objective; bench/RESULTS.md has its figures).")
 flags.DEFINE_integer("epochs", _D.epochs, "Number of epochs (paper: 500).")
 flags.DEFINE_integer("batch_size", _D.batch_size, "Batch size (paper: 256).")
 flags.DEFINE_float("learning_rate", _D.learning_rate, "Constant SGD learning rate (paper: 0.05).")
@@ -86,7 +87,7 @@ def config_from_flags() -> config.TrainConfig:
         crop_scale=_floats("crop_scale", f.crop_scale, 2),
         crop_ratio=_floats("crop_ratio", f.crop_ratio, 2),
         num_clusters=f.num_clusters, clustering=f.clustering, pca_dim=f.pca_dim,
-        pca_sample=f.pca_sample, kmeans_iters=f.kmeans_iters, kmeans_assign=f.kmeans_assign,
+        pca_sample=f.pca_sample, kmeans_iters=f.kmeans_iters, kmeans_mode=f.kmeans_mode,
         epochs=f.epochs,
         batch_size=f.batch_size, learning_rate=f.learning_rate, momentum=f.momentum,
         weight_decay=f.weight_decay, reassign=f.reassign, seed=f.seed, model_dir=f.model_dir,

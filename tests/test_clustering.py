@@ -109,6 +109,25 @@ def test_kmeans_recovers_blobs_and_matches_reference():
     assert result.loss == pytest.approx(optimum, rel=1e-4)
 
 
+def test_two_level_kmeans_is_close_to_exact_on_many_blobs():
+    # 64 separated blobs, k = 64: 8 FAISS cells of about 8 sub-clusters each, then one exact step.
+    rng = np.random.default_rng(4)
+    centres = 6.0 * rng.standard_normal((64, 16))
+    truth = rng.integers(0, 64, 6400)
+    x = (centres[truth] + rng.standard_normal((6400, 16))).astype(np.float32)
+    exact = clustering.kmeans(x, 64, seed=7)
+    fast = clustering.kmeans(x, 64, seed=7, mode="two_level")
+    assert np.all(np.bincount(fast.labels, minlength=64) > 0)
+
+    def objective(result):
+        return float(((x - result.centroids[result.labels]) ** 2).sum())
+    assert objective(fast) <= 1.02 * objective(exact)
+    assert clustering.nmi(fast.labels, exact.labels) > 0.9
+    assert clustering.nmi(fast.labels, truth) > 0.9
+    with pytest.raises(ValueError, match=r"--kmeans_mode=hnsw: choose one of exact, two_level"):
+        clustering.kmeans(x, 64, seed=7, mode="hnsw")
+
+
 def test_kmeans_is_deterministic_per_seed():
     x = np.random.default_rng(1).standard_normal((600, 6)).astype(np.float32)
     first = clustering.kmeans(x, 10, seed=5)

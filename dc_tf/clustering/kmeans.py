@@ -4,12 +4,22 @@
 (`max_points_per_centroid` 10,000,000), an exact L2 index, then the final assignment by nearest
 centroid (PROTOCOLS §2). FAISS repairs empty clusters inside its iterations, but the final
 assignment can still leave some empty; `split_empty_clusters` repairs those with the same rule.
+
+`mode="two_level"` is the fast option for large k (bench/kmeans.py: ImageNet size): FAISS's
+`two_level_clustering` first splits the data into about sqrt(k) cells, then runs k-means inside
+each cell with a share of the k centroids proportional to the cell's size, so an example is
+compared with about 2 sqrt(k) centroids per iteration instead of k. One exact Lloyd step over
+all k centroids then repairs the examples that sit near a cell border, before the same final
+assignment as the exact mode.
 """
 
 import dataclasses
 
 import faiss
 import numpy as np
+from faiss.contrib.clustering import two_level_clustering
+
+from dc_tf.config import KMEANS_MODES
 
 # FAISS's Clustering.seed is a C int.
 _MAX_SEED = 2**31
@@ -53,7 +63,7 @@ def _flat_l2_index(dim: int, use_gpu: bool) -> faiss.Index:
 
 def kmeans(x: np.ndarray, num_clusters: int, seed: int, niter: int = 20,
            max_points_per_centroid: int = 10_000_000, use_gpu: bool | None = None,
-           verbose: bool = False) -> KMeansResult:
+           verbose: bool = False, mode: str = "exact") -> KMeansResult:
     """Clusters features with FAISS k-means and returns an assignment with no empty cluster.
 
     Fewer than 39 examples per cluster is allowed: FAISS prints a warning and carries on.
@@ -68,6 +78,8 @@ def kmeans(x: np.ndarray, num_clusters: int, seed: int, niter: int = 20,
             subsamples, as in the paper.
         use_gpu: None uses every GPU FAISS sees, if any; True requires one; False stays on CPU.
         verbose: print FAISS's per-iteration log.
+        mode: "exact" (the paper) or "two_level" (niter iterations for the cells, FAISS's 25
+            inside them, then one exact step; the loss is that step's objective).
 
     Returns:
         A KMeansResult.
@@ -86,6 +98,8 @@ def kmeans(x: np.ndarray, num_clusters: int, seed: int, niter: int = 20,
         raise ValueError(f"niter={niter} must be at least 1")
     if not 0 <= seed < _MAX_SEED:
         raise ValueError(f"seed={seed} must be in [0, 2**31) (FAISS stores it as a C int)")
+    if mode not in KMEANS_MODES:
+        raise ValueError(f"--kmeans_mode={mode}: choose one of {', '.join(KMEANS_MODES)}")
     num_gpus = faiss.get_num_gpus()
     if use_gpu is None:
         use_gpu = num_gpus > 0
@@ -96,6 +110,16 @@ def kmeans(x: np.ndarray, num_clusters: int, seed: int, niter: int = 20,
 
     clus = faiss.Clustering(dim, num_clusters)
     clus.niter = niter
+    if mode == "two_level":
+        cells = max(1, min(int(round(np.sqrt(num_clusters))), num_clusters))
+        # FAISS's settings inside the cells (25 iterations, at most 256 examples per centroid)
+        # cannot be passed through; the coarse level takes niter.
+        start, _ = two_level_clustering(x, cells, num_clusters, clustering_niter=niter,
+                                        seed=int(seed), gpu=use_gpu, verbose=verbose)
+        # FAISS starts from centroids already set; one iteration = the exact refinement step.
+        faiss.copy_array_to_vector(np.ascontiguousarray(start, np.float32).ravel(),
+                                   clus.centroids)
+        clus.niter = 1
     clus.seed = int(seed)
     clus.max_points_per_centroid = int(max_points_per_centroid)
     clus.verbose = verbose

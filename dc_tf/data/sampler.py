@@ -50,24 +50,25 @@ def accepted_pairs(source: Source, labels: tf.Variable, accept: tf.Variable,
         return tf.random.stateless_uniform(shape, seed=tf.stack([seed, 2 * step + salt]),
                                            **kwargs)
 
+    def accepted(step, index):
+        return uniform(tf.shape(index), step, 1) < acceptance(labels, accept, index)
+
+    # Stateless draws keyed by the step: parallel blocks give the same stream, in order.
     if source.random_access:
         n = source.num_examples
 
         def propose(step):
             index = uniform([_PROPOSAL_BLOCK], step, 0, minval=0, maxval=n, dtype=tf.int64)
-            return step, index, index
-        blocks = tf.data.Dataset.counter().map(propose)
-    else:
-        pairs = source.triples().map(lambda index, payload, label: (index, payload))
-        blocks = pairs.repeat().batch(_RECORD_BLOCK).enumerate().map(
-            lambda step, block: (step, *block))
+            index = tf.boolean_mask(index, accepted(step, index))
+            return index, index  # the payload of a random-access source is its index
+        return tf.data.Dataset.counter().map(
+            propose, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
 
-    def keep(step, index, payload):
-        mask = uniform(tf.shape(index), step, 1) < acceptance(labels, accept, index)
+    def keep(step, block):
+        index, payload = block
+        mask = accepted(step, index)
         return tf.boolean_mask(index, mask), tf.boolean_mask(payload, mask)
-
-    # Stateless draws keyed by the step: parallel blocks give the same stream, in order.
+    pairs = source.triples().map(lambda index, payload, label: (index, payload))
+    blocks = pairs.repeat().batch(_RECORD_BLOCK).enumerate()
     out = blocks.map(keep, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
-    if not source.random_access:
-        out = out.shuffle(10 * _RECORD_BLOCK, seed=seed)
-    return out
+    return out.shuffle(10 * _RECORD_BLOCK, seed=seed)

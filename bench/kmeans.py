@@ -1,0 +1,77 @@
+r"""k-means at ImageNet size: exact FAISS vs the two-level mode (issue 8, item 4).
+
+    python bench/kmeans.py                                  # N = 1,281,167, d = 256, k = 10,000
+    python bench/kmeans.py --num_examples=100000 --num_clusters=1000 --niter=10
+
+Features: a synthetic stand-in for DeepCluster's PCA-whitened, L2-normalised 256-d features, a
+mixture of --num_clusters Gaussian blobs (centres N(0, I), within-blob deviation --spread)
+projected onto the unit sphere. Both modes run `dc_tf.clustering.kmeans` with the same seed
+(hence the same initial centroids) and iterations. Prints JSON: seconds per mode, the speed-up,
+each assignment's objective (sum of squared distances of every example to its returned cluster's
+returned centroid, computed here in float64), their relative gap, and the NMI between the two
+assignments.
+"""
+
+import argparse
+import json
+import time
+
+import numpy as np
+
+from dc_tf import clustering
+
+
+def blobs(num_examples: int, num_clusters: int, dim: int, spread: float, seed: int) -> np.ndarray:
+    """float32 [N, dim] unit-norm rows from num_clusters Gaussian blobs of random sizes."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((num_clusters, dim), dtype=np.float32)
+    which = rng.integers(0, num_clusters, num_examples)
+    x = np.empty((num_examples, dim), np.float32)
+    for start in range(0, num_examples, 100_000):  # in chunks: no second N x dim temporary
+        part = which[start:start + 100_000]
+        x[start:start + len(part)] = centres[part] + spread * rng.standard_normal(
+            (len(part), dim), dtype=np.float32)
+    return clustering.l2_normalize(x)
+
+
+def objective(x: np.ndarray, labels: np.ndarray, centroids: np.ndarray) -> float:
+    total = 0.0
+    for start in range(0, len(x), 100_000):
+        diff = x[start:start + 100_000].astype(np.float64) - centroids[labels[start:start + 100_000]]
+        total += float((diff * diff).sum())
+    return total
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--num_examples", type=int, default=1_281_167)
+    parser.add_argument("--num_clusters", type=int, default=10_000)
+    parser.add_argument("--dim", type=int, default=256)
+    parser.add_argument("--niter", type=int, default=20)
+    parser.add_argument("--spread", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=31)
+    parser.add_argument("--modes", default="exact,two_level")
+    args = parser.parse_args()
+
+    x = blobs(args.num_examples, args.num_clusters, args.dim, args.spread, args.seed)
+    out = {"num_examples": args.num_examples, "num_clusters": args.num_clusters, "dim": args.dim,
+           "niter": args.niter, "spread": args.spread}
+    results = {}
+    for mode in args.modes.split(","):
+        start = time.time()
+        result = clustering.kmeans(x, args.num_clusters, seed=args.seed, niter=args.niter,
+                                   use_gpu=False, mode=mode)
+        out[f"{mode}_seconds"] = round(time.time() - start, 1)
+        out[f"{mode}_objective"] = objective(x, result.labels, result.centroids)
+        out[f"{mode}_empty_clusters_repaired"] = result.empty_clusters
+        results[mode] = result
+        print(json.dumps({k: v for k, v in out.items() if k.startswith(mode)}), flush=True)
+    if {"exact", "two_level"} <= results.keys():
+        out["speedup"] = round(out["exact_seconds"] / out["two_level_seconds"], 2)
+        out["objective_gap"] = out["two_level_objective"] / out["exact_objective"] - 1
+        out["nmi_two_level_vs_exact"] = clustering.nmi(results["two_level"].labels, results["exact"].labels)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
