@@ -1,9 +1,10 @@
 """Whole-dataset feature extraction for clustering, streamed through PCA-whitening.
 
 The released DeepCluster code keeps an N x 4096 float32 matrix (21 GB on ImageNet). Here the
-first `pca_sample` examples of the (random) reading order are kept at full width to fit the
-PCA-whitening; every later batch is projected as soon as it is computed, so memory is
-O(pca_sample x D + N x pca_dim).
+first `pca_sample` examples of the (random) reading order are kept at full width (one
+preallocated buffer) to fit the PCA-whitening; every later batch is projected as soon as it is
+computed, so memory is pca_sample x D + N x pca_dim floats plus bounded temporaries
+(bench/feature_pass.py measures the peak at ImageNet size).
 """
 
 import dataclasses
@@ -15,6 +16,9 @@ import tensorflow as tf
 from absl import logging
 
 from dc_tf import clustering, failpoints
+
+# Rows whitened and normalised at a time when the PCA sample is stored (bounded temporaries).
+_STORE_ROWS = 8192
 
 
 @dataclasses.dataclass
@@ -55,43 +59,50 @@ def extract_features(infer, dataset: tf.data.Dataset, num_examples: int, pca_dim
     labels = np.full(num_examples, -1, np.int64)
     present = np.zeros(num_examples, bool)
     out, pca = None, None
-    pending_x, pending_i = [], []  # full-width rows kept until the PCA is fitted
+    # The first min(pca_sample, N) rows of the stream, kept at full width until the PCA is fitted.
+    target = min(pca_sample, num_examples) if pca_dim > 0 else 0
+    sample, sample_idx, filled = None, None, 0
     seen, last_log = 0, start
 
     def store(x, idx):
         nonlocal out
-        x = clustering.l2_normalize(pca.apply(x) if pca is not None else x)
-        if out is None:
-            out = np.zeros((num_examples, x.shape[1]), np.float32)
-        out[idx] = x
+        for first in range(0, len(x), _STORE_ROWS):  # bounded temporaries for the sample
+            part = x[first:first + _STORE_ROWS]
+            part = clustering.l2_normalize(pca.apply(part) if pca is not None else part)
+            if out is None:
+                out = np.zeros((num_examples, part.shape[1]), np.float32)
+            out[idx[first:first + _STORE_ROWS]] = part
 
-    def fit_pending():
-        nonlocal pca
-        x, idx = np.concatenate(pending_x), np.concatenate(pending_i)
-        pending_x.clear(), pending_i.clear()
-        pca = clustering.fit_pca_whitening(x, pca_dim)
+    def fit_sample():
+        nonlocal pca, sample
+        pca = clustering.fit_pca_whitening(sample[:filled], pca_dim)
         failpoints.reach("pca.fitted")
-        store(x, idx)
+        store(sample[:filled], sample_idx[:filled])
+        sample = None
 
-    collecting = pca_dim > 0
     for images, idx, lab in dataset:
         x, idx = infer(images).numpy(), idx.numpy()
         labels[idx], present[idx] = lab.numpy(), True
         seen += len(idx)
         failpoints.reach("features.batch")
-        if collecting:
-            pending_x.append(x), pending_i.append(idx)
-            if seen >= min(pca_sample, num_examples):
-                fit_pending()
-                collecting = False
-        else:
+        if filled < target:
+            if sample is None:
+                sample = np.empty((target, x.shape[1]), np.float32)
+                sample_idx = np.empty(target, np.int64)
+            take = min(target - filled, len(idx))
+            sample[filled:filled + take], sample_idx[filled:filled + take] = x[:take], idx[:take]
+            filled += take
+            if filled == target:
+                fit_sample()
+            x, idx = x[take:], idx[take:]
+        if len(idx):
             store(x, idx)
         if time.time() - last_log > log_every_s:
             last_log = time.time()
             logging.info("features: %d/%d images (%.0f images/s)", seen, num_examples,
                          seen / (last_log - start))
-    if pending_x:
-        fit_pending()
+    if sample is not None:  # unreadable examples left the stream shorter than the sample
+        fit_sample()
     if out is None:
         raise RuntimeError("the feature pass read no image at all: every example failed to decode")
     return FeaturePass(out, present, labels, pca, time.time() - start)
