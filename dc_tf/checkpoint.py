@@ -16,9 +16,18 @@ class RunCheckpoint:
 
     The manager writes the checkpoint files first and the `checkpoint` index last, so a run
     killed while saving resumes from the previous complete checkpoint.
+
+    Args:
+      model: the compiled DeepClusterModel.
+      directory: where checkpoints are written.
+      max_to_keep: how many checkpoints the manager keeps.
+      restore_from: where to restore from when not `directory`: a non-chief worker writes into
+        its scratch folder but resumes from the chief's checkpoints, like every other worker.
     """
 
-    def __init__(self, model: keras.Model, directory: str, max_to_keep: int = 2):
+    def __init__(self, model: keras.Model, directory: str, max_to_keep: int = 2,
+                 restore_from: str = ""):
+        self._restore_from = restore_from
         self.epochs_done = tf.Variable(0, dtype=tf.int64, trainable=False)
         self._ckpt = tf.train.Checkpoint(model=model, backbone_optimizer=model.optimizer,
                                          head_optimizer=model.head_optimizer,
@@ -27,12 +36,14 @@ class RunCheckpoint:
 
     def restore(self) -> int:
         """Restores the latest checkpoint if any; returns the number of completed epochs."""
-        path = self._manager.latest_checkpoint
+        path = (tf.train.latest_checkpoint(self._restore_from) if self._restore_from
+                else self._manager.latest_checkpoint)
         if path is None:
             return 0
         self._ckpt.restore(path).assert_existing_objects_matched()
-        logging.info("resumed from %s (%d epochs done)", path, int(self.epochs_done))
-        return int(self.epochs_done)
+        epochs_done = int(self.epochs_done.numpy())  # int() takes no mirrored variable
+        logging.info("resumed from %s (%d epochs done)", path, epochs_done)
+        return epochs_done
 
     def save(self, epochs_done: int) -> str:
         self.epochs_done.assign(epochs_done)

@@ -15,7 +15,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from dc_tf import clustering, failpoints
+from dc_tf import clustering, distribute, failpoints
 
 # Rows whitened and normalised at a time when the PCA sample is stored (bounded temporaries).
 _STORE_ROWS = 8192
@@ -45,7 +45,8 @@ class FeaturePass:
 
 
 def extract_features(infer, dataset: tf.data.Dataset, num_examples: int, pca_dim: int,
-                     pca_sample: int, log_every_s: float = 30.0) -> FeaturePass:
+                     pca_sample: int, log_every_s: float = 30.0,
+                     strategy: Optional[tf.distribute.Strategy] = None) -> FeaturePass:
     """Runs `infer` over every batch and returns whitened, L2-normalised features by index.
 
     Args:
@@ -54,6 +55,8 @@ def extract_features(infer, dataset: tf.data.Dataset, num_examples: int, pca_dim
       num_examples: N.
       pca_dim: whitened dimension d (0 = keep D, no PCA).
       pca_sample: number of leading examples of the stream the PCA is fitted on.
+      strategy: shard every batch over this strategy's replicas (None: one device). Every
+        worker of a multi-worker strategy must call it, and gets every row.
     """
     start = time.time()
     labels = np.full(num_examples, -1, np.int64)
@@ -64,25 +67,30 @@ def extract_features(infer, dataset: tf.data.Dataset, num_examples: int, pca_dim
     sample, sample_idx, filled = None, None, 0
     seen, last_log = 0, start
 
-    def store(x, idx):
+    def project(x):
+        """Whitened (when fitted), L2-normalised rows, by blocks: bounded temporaries."""
+        return np.concatenate([
+            clustering.l2_normalize(pca.apply(part) if pca is not None else part)
+            for part in np.split(x, range(_STORE_ROWS, len(x), _STORE_ROWS))])
+
+    def store(z, idx):
         nonlocal out
-        for first in range(0, len(x), _STORE_ROWS):  # bounded temporaries for the sample
-            part = x[first:first + _STORE_ROWS]
-            part = clustering.l2_normalize(pca.apply(part) if pca is not None else part)
-            if out is None:
-                out = np.zeros((num_examples, part.shape[1]), np.float32)
-            out[idx[first:first + _STORE_ROWS]] = part
+        if out is None:
+            out = np.zeros((num_examples, z.shape[1]), np.float32)
+        out[idx] = z
 
     def fit_sample():
         nonlocal pca, sample
         pca = clustering.fit_pca_whitening(sample[:filled], pca_dim)
         failpoints.reach("pca.fitted")
-        store(sample[:filled], sample_idx[:filled])
-        sample = None
+        z = project(sample[:filled])
+        sample = None  # freed before the N x pca_dim output exists: the two never coexist
+        store(z, sample_idx[:filled])
 
-    for images, idx, lab in dataset:
-        x, idx = infer(images).numpy(), idx.numpy()
-        labels[idx], present[idx] = lab.numpy(), True
+    batches = (_batches(infer, dataset) if strategy is None
+               else _sharded_batches(infer, dataset, strategy))
+    for x, idx, lab in batches:
+        labels[idx], present[idx] = lab, True
         seen += len(idx)
         failpoints.reach("features.batch")
         if filled < target:
@@ -96,7 +104,7 @@ def extract_features(infer, dataset: tf.data.Dataset, num_examples: int, pca_dim
                 fit_sample()
             x, idx = x[take:], idx[take:]
         if len(idx):
-            store(x, idx)
+            store(project(x), idx)
         if time.time() - last_log > log_every_s:
             last_log = time.time()
             logging.info("features: %d/%d images (%.0f images/s)", seen, num_examples,
@@ -106,3 +114,27 @@ def extract_features(infer, dataset: tf.data.Dataset, num_examples: int, pca_dim
     if out is None:
         raise RuntimeError("the feature pass read no image at all: every example failed to decode")
     return FeaturePass(out, present, labels, pca, time.time() - start)
+
+
+def _batches(infer, dataset: tf.data.Dataset):
+    for images, idx, lab in dataset:
+        yield infer(images).numpy(), idx.numpy(), lab.numpy()
+
+
+def _sharded_batches(infer, dataset: tf.data.Dataset, strategy: tf.distribute.Strategy):
+    """(features, indices, labels) of every batch, each replica computing its share of it.
+
+    Each global batch is split over the replicas in order, and the rows are gathered back in
+    replica order: every worker sees the single-device stream, so the PCA sample is the same.
+    A replica left without data at the end (uneven shards) contributes an empty batch.
+    """
+    distributed = strategy.experimental_distribute_dataset(distribute.shard_by_data(dataset))
+
+    @tf.function
+    def step(batch):
+        images, idx, lab = batch
+        x = strategy.run(infer, args=(images,))
+        return tuple(strategy.gather(v, axis=0) for v in (x, idx, lab))
+
+    for batch in distributed:
+        yield tuple(v.numpy() for v in step(batch))

@@ -3,6 +3,8 @@
 import keras
 import tensorflow as tf
 
+from dc_tf import distribute
+
 
 class DeepClusterModel(keras.Model):
     """Trains a backbone to predict the pseudo-labels of the current clustering.
@@ -53,6 +55,14 @@ class DeepClusterModel(keras.Model):
         backbone_optimizer.build(self.backbone.trainable_variables)
         head_optimizer.build(self.head.trainable_variables)
 
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        """Nothing to build: __init__ and compile() build every variable.
+
+        Keras 3.15 runs this at the start of fit() when the model lives in a tf.distribute scope:
+        it takes a batch from the training iterator and, under MultiWorkerMirroredStrategy,
+        fails to reduce it (keras-team/keras#20585).
+        """
+
     @property
     def metrics(self):
         return [self.loss_tracker, self.accuracy_tracker]
@@ -75,7 +85,12 @@ class DeepClusterModel(keras.Model):
         self.head_optimizer.apply(grads[len(backbone_vars):], head_vars)
         self.loss_tracker.update_state(loss)
         self.accuracy_tracker.update_state(labels, logits)
-        return {m.name: m.result() for m in self.metrics}
+        results = {m.name: m.result() for m in self.metrics}
+        if distribute.is_multi_worker(tf.distribute.get_strategy()):
+            # Keras 3.15 averages each worker's results over replicas *and axis 0*, which a
+            # scalar lacks (keras-team/keras#20585): give it one.
+            results = {name: value[None] for name, value in results.items()}
+        return results
 
     def reset_head(self) -> None:
         """A fresh top layer, N(0, 0.01) weights and zero bias, and a fresh head optimizer."""

@@ -17,7 +17,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from dc_tf import clustering, failpoints
+from dc_tf import clustering, distribute, failpoints
 from dc_tf.features import FeaturePass, extract_features
 
 
@@ -147,18 +147,24 @@ class ReclusterCallback(keras.callbacks.Callback):
         labels); called at each reclustering.
       clusterer: the numpy clustering.
       num_examples, pca_dim, pca_sample: as in `extract_features`.
-      model_dir: where `assignments/epoch_NNNN.npy` go.
+      model_dir: where `assignments/epoch_NNNN.npy` go (a non-chief worker's scratch folder).
       reassign: epochs between reclusterings.
+      strategy: the tf.distribute strategy the model lives in (None: one device). The feature
+        pass is sharded over its replicas; only the chief clusters, and every worker assigns the
+        chief's pseudo-labels and acceptance probabilities.
     After `on_epoch_begin`, `stats` holds the epoch's clustering figures for the run logger.
     """
 
     def __init__(self, infer: Callable, feature_data: Callable[[], tf.data.Dataset],
                  clusterer: Clusterer, num_examples: int, pca_dim: int, pca_sample: int,
-                 model_dir: str, reassign: int):
+                 model_dir: str, reassign: int,
+                 strategy: Optional[tf.distribute.Strategy] = None):
         super().__init__()
         self.infer, self.feature_data, self.clusterer = infer, feature_data, clusterer
         self.num_examples, self.pca_dim, self.pca_sample = num_examples, pca_dim, pca_sample
         self.model_dir, self.reassign = model_dir, reassign
+        self.strategy = strategy
+        self.chief = strategy is None or distribute.is_chief(strategy)
         self.labels: Optional[np.ndarray] = None  # ground truth, learnt in the feature pass
         self.previous: Optional[np.ndarray] = None
         self.stats: dict = {}
@@ -172,7 +178,10 @@ class ReclusterCallback(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch, logs=None):
         self.stats = _empty_stats()
-        if epoch % self.reassign == 0 or self.previous is None:
+        recluster = epoch % self.reassign == 0 or self.previous is None
+        if self.strategy is not None:  # the feature pass is collective: the chief decides
+            recluster = bool(distribute.from_chief(self.strategy, int(recluster)))
+        if recluster:
             self._recluster(epoch)
         assignment = self.model.pseudo_labels.numpy()
         save_array(assignment_path(self.model_dir, epoch), assignment)
@@ -181,13 +190,20 @@ class ReclusterCallback(keras.callbacks.Callback):
 
     def _feature_pass(self, epoch) -> FeaturePass:
         logging.info("epoch %s: feature pass over %d images", epoch, self.num_examples)
+        if self.strategy is not None:  # every replica computes features with the chief's network
+            distribute.sync_from_chief(self.strategy, self.model.backbone.non_trainable_variables)
         return extract_features(self.infer, self.feature_data(), self.num_examples,
-                                self.pca_dim, self.pca_sample)
+                                self.pca_dim, self.pca_sample, strategy=self.strategy)
 
-    def cluster_final(self, epochs: int) -> FinalClustering:
+    def cluster_final(self, epochs: int) -> Optional[FinalClustering]:
         """Clusters the features of the trained network once more (after the last epoch), saves
-        it as assignments/final.npy and logs its figures to final_clustering.json."""
+        it as assignments/final.npy and logs its figures to final_clustering.json.
+
+        A non-chief worker takes part in the (collective) feature pass only and returns None.
+        """
         fp = self._feature_pass("final")
+        if not self.chief:
+            return None
         start = time.time()
         found, centroids, loss, empty = self.clusterer.cluster(fp.features[fp.present], epochs)
         labels = np.full(self.num_examples, -1, np.int32)
@@ -217,9 +233,9 @@ class ReclusterCallback(keras.callbacks.Callback):
         if len(fp.missing):
             self.skipped = fp.missing
         self.labels = fp.labels if (fp.labels >= 0).any() else None
-        logging.info("epoch %d: %s of %d x %d features into k=%d", epoch,
+        logging.info("epoch %d: %s of %d x %d features into k=%d%s", epoch,
                      self.clusterer.method, int(fp.present.sum()), fp.features.shape[1],
-                     self.clusterer.k)
+                     self.clusterer.k, "" if self.chief else ", on the chief")
         start = time.time()
         # A tensor epoch: a Python int would retrace the function every epoch.
         loss, empty = self._assign(fp.features, fp.present, tf.constant(epoch, tf.int64))
@@ -238,12 +254,19 @@ class ReclusterCallback(keras.callbacks.Callback):
 
     @tf.function
     def _assign(self, features, present, epoch):
-        # The one TF <-> numpy crossing of a reclustering.
-        labels, accept, loss, empty = tf.numpy_function(
-            self.clusterer, [features, present, epoch],
-            [tf.int32, tf.float32, tf.float32, tf.int32], stateful=True)
-        labels.set_shape(self.model.pseudo_labels.shape)
-        accept.set_shape(self.model.accept.shape)
+        if self.chief:
+            # The one TF <-> numpy crossing of a reclustering.
+            labels, accept, loss, empty = tf.numpy_function(
+                self.clusterer, [features, present, epoch],
+                [tf.int32, tf.float32, tf.float32, tf.int32], stateful=True)
+            labels.set_shape(self.model.pseudo_labels.shape)
+            accept.set_shape(self.model.accept.shape)
+        else:  # replaced by the chief's clustering below
+            labels = tf.zeros_like(self.model.pseudo_labels)
+            accept, loss, empty = tf.zeros_like(self.model.accept), 0.0, 0
+        if self.strategy is not None:
+            labels, accept, loss, empty = distribute.from_chief(
+                self.strategy, (labels, accept, loss, empty))
         self.model.pseudo_labels.assign(labels)
         self.model.accept.assign(accept)
         return loss, empty

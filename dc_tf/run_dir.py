@@ -46,7 +46,11 @@ class RunLock:
 
 def claim(cfg: config.TrainConfig, overwrite: bool = False) -> None:
     """Makes MODEL_DIR hold `cfg`'s run: refuses another run's folder unless `overwrite`, which
-    empties it first. Call with the RunLock held."""
+    empties it first. Call with the RunLock held.
+
+    The scratch folders of multi-worker runs' other workers (workertemp_*) stay: those workers
+    are starting alongside the chief and may already have created theirs.
+    """
     path = os.path.join(cfg.model_dir, "config.json")
     if os.path.exists(path):
         with open(path) as f:
@@ -58,7 +62,7 @@ def claim(cfg: config.TrainConfig, overwrite: bool = False) -> None:
                 raise
             logging.warning("--overwrite: deleting the run in %s", cfg.model_dir)
             for name in os.listdir(cfg.model_dir):
-                if name != ".lock":
+                if name != ".lock" and not name.startswith("workertemp_"):
                     target = os.path.join(cfg.model_dir, name)
                     (shutil.rmtree if os.path.isdir(target) else os.remove)(target)
     with open(path + ".tmp", "w") as f:

@@ -4,7 +4,8 @@ r"""DeepCluster training: data -> model -> callbacks -> fit -> export.
     python -m dc_tf.train --flagfile=flags/alexnet.cfg --data_dir=/data/tfds --model_dir=runs/alexnet
 
 Re-running a command with the same --model_dir resumes from its last checkpoint. Watch a run with
-`tensorboard --logdir=MODEL_DIR/logs`.
+`tensorboard --logdir=MODEL_DIR/logs`. --strategy=mirrored or multi_worker spreads training and the
+feature pass over devices or workers (dc_tf/distribute.py).
 """
 
 import contextlib
@@ -19,7 +20,7 @@ import numpy as np
 import tensorflow as tf
 from absl import app, flags, logging
 
-from dc_tf import config, data, failpoints, models, run_dir, train_flags
+from dc_tf import config, data, distribute, failpoints, models, run_dir, train_flags
 from dc_tf.checkpoint import CheckpointCallback, NonFiniteLossError, RunCheckpoint
 from dc_tf.data import pipelines
 from dc_tf.export import export_saved_model
@@ -39,7 +40,9 @@ def run(cfg: config.TrainConfig, overwrite: bool = False) -> config.TrainConfig:
     Returns:
       The resolved configuration (with the dataset's channels and size), as in config.json.
     """
-    # ---------------------------------------------------------------- data and checks
+    # ---------------------------------------------------------------- strategy, data and checks
+    strategy = distribute.make_strategy(cfg.strategy)  # first: multi_worker sets up the runtime
+    distribute.check_batch_size(strategy, cfg.batch_size)
     source = data.open_source(cfg.dataset, cfg.data_dir, cfg.max_examples)
     labels = data.all_labels(source) if cfg.supervised else None
     classes = {"num_clusters": int(labels.max()) + 1} if cfg.supervised else {}
@@ -47,11 +50,12 @@ def run(cfg: config.TrainConfig, overwrite: bool = False) -> config.TrainConfig:
     keras.utils.set_random_seed(cfg.seed)
     with _precision_policy("mixed_bfloat16" if cfg.mixed_precision else "float32"):
         try:
-            backbone = models.build_backbone(cfg.arch, cfg.image_size, cfg.channels, cfg.sobel,
-                                             cfg.mean, cfg.std, seed=cfg.seed)
+            with distribute.variable_scope(strategy):
+                backbone = models.build_backbone(cfg.arch, cfg.image_size, cfg.channels,
+                                                 cfg.sobel, cfg.mean, cfg.std, seed=cfg.seed)
         except ValueError as e:  # --image_size too small for --arch, --mean of the wrong length
             raise config.ConfigError(str(e)) from e
-        _check_and_train(cfg, source, backbone, labels, overwrite)
+        _check_and_train(cfg, source, backbone, labels, overwrite, strategy)
     return cfg
 
 
@@ -72,8 +76,12 @@ def _precision_policy(name: str):
 
 
 def _check_and_train(cfg: config.TrainConfig, source: data.Source, backbone: keras.Model,
-                     labels: Optional[np.ndarray], overwrite: bool) -> None:
-    """Checks the configuration against the data and the network, then trains in MODEL_DIR."""
+                     labels: Optional[np.ndarray], overwrite: bool,
+                     strategy: tf.distribute.Strategy) -> None:
+    """Checks the configuration against the data and the network, then trains in MODEL_DIR.
+
+    Only the chief locks and claims MODEL_DIR; another worker locks its scratch folder.
+    """
     cluster_endpoint = models.cluster_endpoint(cfg.arch)
     if not cfg.supervised:
         config.check_against_data(cfg, backbone.output[cluster_endpoint].shape[-1])
@@ -83,32 +91,48 @@ def _check_and_train(cfg: config.TrainConfig, source: data.Source, backbone: ker
                             cfg.num_examples, cfg.num_clusters)
 
     # ---------------------------------------------------------------- model_dir
-    with run_dir.RunLock(cfg.model_dir):
+    chief = distribute.is_chief(strategy)
+    with run_dir.RunLock(distribute.write_dir(strategy, cfg.model_dir)):
         failpoints.reach("run.locked")
-        run_dir.claim(cfg, overwrite)
+        if chief:
+            run_dir.claim(cfg, overwrite)
         failpoints.reach("run.config_written")
-        _train(cfg, source, backbone, cluster_endpoint, labels)
+        # A barrier: the other workers restore from MODEL_DIR once the chief has claimed it.
+        distribute.from_chief(strategy, 0)
+        _train(cfg, source, backbone, cluster_endpoint, labels, strategy)
 
 
 def _train(cfg: config.TrainConfig, source: data.Source, backbone: keras.Model,
-           cluster_endpoint: str, labels: Optional[np.ndarray]) -> None:
-    """The run itself, in a claimed and locked model_dir."""
-    model_dir = cfg.model_dir
+           cluster_endpoint: str, labels: Optional[np.ndarray],
+           strategy: tf.distribute.Strategy) -> None:
+    """The run itself, in a claimed and locked model_dir (a scratch folder on other workers)."""
+    chief = distribute.is_chief(strategy)
+    distributed = strategy if distribute.is_distributed(strategy) else None
+    model_dir = distribute.write_dir(strategy, cfg.model_dir)
     index_map = os.path.join(model_dir, "examples.tsv")
-    if not os.path.exists(index_map):
+    if chief and not os.path.exists(index_map):
         data.write_index_map(source, index_map)
     logging.info("configuration:\n%s", cfg.to_json())
     logging.info("dataset %s: %d images, %d channel(s)", source.name, source.num_examples,
                  source.channels)
 
     # ---------------------------------------------------------------- model and state
-    model = DeepClusterModel(backbone, models.head_endpoint(cfg.arch), cfg.num_examples,
-                             cfg.num_clusters, cfg.weight_decay, seed=cfg.seed)
-    model.compile(
-        backbone_optimizer=keras.optimizers.SGD(cfg.learning_rate, momentum=cfg.momentum),
-        head_optimizer=keras.optimizers.SGD(cfg.learning_rate), jit_compile=cfg.jit_compile)
-    checkpoint = RunCheckpoint(model, os.path.join(model_dir, "checkpoints"))
-    initial_epoch = checkpoint.restore()
+    with distribute.variable_scope(strategy):
+        model = DeepClusterModel(backbone, models.head_endpoint(cfg.arch), cfg.num_examples,
+                                 cfg.num_clusters, cfg.weight_decay, seed=cfg.seed)
+        model.compile(
+            backbone_optimizer=keras.optimizers.SGD(cfg.learning_rate, momentum=cfg.momentum),
+            head_optimizer=keras.optimizers.SGD(cfg.learning_rate), jit_compile=cfg.jit_compile)
+        checkpoint = RunCheckpoint(
+            model, os.path.join(model_dir, "checkpoints"),
+            restore_from="" if chief else os.path.join(cfg.model_dir, "checkpoints"))
+        initial_epoch = checkpoint.restore()
+    chief_epoch = int(distribute.from_chief(strategy, initial_epoch))
+    if chief_epoch != initial_epoch:
+        raise config.ConfigError(
+            f"--model_dir={cfg.model_dir}: the chief resumes after epoch {chief_epoch} but this "
+            f"worker found the checkpoint of epoch {initial_epoch}; put --model_dir on storage "
+            "that every worker reads")
     for optimizer in (model.optimizer, model.head_optimizer):  # the flag wins over the checkpoint
         optimizer.learning_rate = cfg.learning_rate
     truncate_metrics(os.path.join(model_dir, "metrics.jsonl"), initial_epoch)
@@ -118,6 +142,8 @@ def _train(cfg: config.TrainConfig, source: data.Source, backbone: keras.Model,
     train_data = pipelines.training_dataset(
         source, model.pseudo_labels, model.accept, cfg.image_size, cfg.crop_scale,
         cfg.crop_ratio, cfg.batch_size, seed=cfg.seed + initial_epoch)
+    if distributed:
+        train_data = distribute.shard_by_data(train_data)
 
     if cfg.supervised:
         labeller = FixedLabelsCallback(labels, cfg.num_clusters, model_dir)
@@ -133,11 +159,13 @@ def _train(cfg: config.TrainConfig, source: data.Source, backbone: keras.Model,
                                                      cfg.batch_size, order),
             Clusterer(cfg.clustering, cfg.num_clusters, cfg.kmeans_iters, cfg.seed,
                       cfg.kmeans_mode),
-            cfg.num_examples, cfg.pca_dim, cfg.pca_sample, model_dir, cfg.reassign)
+            cfg.num_examples, cfg.pca_dim, cfg.pca_sample, model_dir, cfg.reassign,
+            strategy=distributed)
         labeller.resume(initial_epoch)
     saver = CheckpointCallback(checkpoint)
+    montage = not cfg.supervised and chief
     callbacks = [labeller,
-                 *([] if cfg.supervised else [ClusterMontageCallback(source, model_dir, cfg.seed)]),
+                 *([ClusterMontageCallback(source, model_dir, cfg.seed)] if montage else []),
                  RunLogger(model_dir, labeller, cfg.batch_size, steps_per_epoch,
                            cfg.learning_rate),
                  saver]
@@ -156,7 +184,7 @@ def _train(cfg: config.TrainConfig, source: data.Source, backbone: keras.Model,
             f"{cfg.learning_rate}) and re-run the same command to resume from it.")
     if saver.preempted:
         logging.warning("stopped by SIGTERM: the checkpoint after epoch %d is saved; re-run the "
-                        "same command to continue", int(checkpoint.epochs_done) - 1)
+                        "same command to continue", int(checkpoint.epochs_done.numpy()) - 1)
         return
     if len(labeller.skipped):
         data.write_skipped(source, labeller.skipped, os.path.join(model_dir, "skipped.tsv"))
@@ -167,7 +195,13 @@ def _train(cfg: config.TrainConfig, source: data.Source, backbone: keras.Model,
     # ---------------------------------------------------------------- final clustering, export
     final = None
     if not cfg.supervised:
-        final = FinalClustering.load(model_dir, cfg.epochs) or labeller.cluster_final(cfg.epochs)
+        final = FinalClustering.load(model_dir, cfg.epochs)
+        # Every worker takes part in the (collective) feature pass when the chief runs one.
+        if not distribute.from_chief(strategy, int(final is not None)):
+            final = labeller.cluster_final(cfg.epochs)
+    if not chief:
+        logging.info("worker done: the chief exports to %s/export", cfg.model_dir)
+        return
     path = export_saved_model(backbone, os.path.join(model_dir, "export"), cfg.image_size,
                               cfg.channels, models.min_image_size(cfg.arch), cluster_endpoint,
                               final)
