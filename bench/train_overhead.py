@@ -30,10 +30,14 @@ def plain_fit(cfg, epochs: int) -> float:
     from dc_tf.data import transforms
 
     source = data.open_source(cfg.dataset, cfg.data_dir, cfg.max_examples)
+    # The same precision as the DeepCluster run (a float32 top layer, as DeepClusterModel's).
+    keras.mixed_precision.set_global_policy("mixed_bfloat16" if cfg.mixed_precision
+                                            else "float32")
     backbone = models.build_backbone(cfg.arch, cfg.image_size, source.channels, cfg.sobel,
                                      cfg.mean, cfg.std, seed=cfg.seed)
     inputs = keras.Input(backbone.input_shape[1:])
-    logits = keras.layers.Dense(cfg.num_clusters)(backbone(inputs)[models.head_endpoint(cfg.arch)])
+    logits = keras.layers.Dense(cfg.num_clusters, dtype="float32")(
+        backbone(inputs)[models.head_endpoint(cfg.arch)])
     model = keras.Model(inputs, logits)
     model.compile(keras.optimizers.SGD(cfg.learning_rate, momentum=cfg.momentum),
                   keras.losses.SparseCategoricalCrossentropy(from_logits=True),

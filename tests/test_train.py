@@ -161,3 +161,21 @@ def test_mixed_precision_can_be_switched_on_and_exports_float32(smoke_config):
     outputs = export.signatures["serving_default"](images=images)
     assert {v.dtype for v in outputs.values()} == {tf.float32}
     assert export.signatures["assign"](images=images)["embedding"].dtype == tf.float32
+
+
+def test_kmeans_mode_two_level_reaches_faiss(smoke_config, monkeypatch):
+    import importlib
+    from dc_tf import train
+    kmeans_module = importlib.import_module("dc_tf.clustering.kmeans")  # not the function
+    calls = []
+
+    def spy(*args, **kwargs):  # FAISS's two-level clustering, counted
+        calls.append(args[1:3])
+        return two_level(*args, **kwargs)
+    two_level = kmeans_module.two_level_clustering
+    monkeypatch.setattr(kmeans_module, "two_level_clustering", spy)
+    cfg = train.run(smoke_config("--kmeans_mode=two_level"))
+    # k = 10 in smoke.cfg: about sqrt(10) = 3 cells; one call per reclustering and the final one.
+    assert calls == [(3, 10)] * (cfg.epochs + 1)
+    rows = [json.loads(line) for line in open(os.path.join(cfg.model_dir, "metrics.jsonl"))]
+    assert len(rows) == cfg.epochs and all(np.isfinite(row["kmeans_loss"]) for row in rows)
