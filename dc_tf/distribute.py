@@ -11,6 +11,9 @@ MultiWorkerMirroredStrategy over the cluster of TF_CONFIG. Training and the feat
 sharded over the replicas; the clustering runs once, on the chief, and reaches every worker
 through a collective (`from_chief`).
 
+Training data comes from one input pipeline per worker (`per_worker_datasets`): each draws the
+same balanced index stream and decodes only its share of it.
+
 Only the chief owns MODEL_DIR. Every other worker writes what it would write there (its
 checkpoints, the assignments it trained on, its metrics) into its own scratch folder
 MODEL_DIR/workertemp_<task id>, the convention of Keras's multi-worker callbacks, and restores
@@ -131,14 +134,28 @@ def check_batch_size(strategy: tf.distribute.Strategy, batch_size: int) -> None:
 def shard_by_data(dataset: tf.data.Dataset) -> tf.data.Dataset:
     """`dataset` sharded by element over the workers, whatever its source.
 
-    Every worker computes the same stream and keeps its share of each global batch: the balanced
-    sampler is seeded and stateless, and the feature pass reads in a fixed order, so the global
-    batches are those of a single-device run. (AUTO would shard a file-based source by file,
-    giving workers unequal and differently ordered streams.)
+    For the feature pass: every worker reads the same fixed order and keeps its share of each
+    global batch, so the global batches are those of a single-device run and the gathered rows
+    arrive in the same order everywhere. (AUTO would shard a file-based source by file, giving
+    workers unequal and differently ordered streams.)
     """
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     return dataset.with_options(options)
+
+
+def per_worker_datasets(strategy: tf.distribute.Strategy, make_dataset, global_batch: int):
+    """The training stream as one input pipeline per worker, each decoding only its share.
+
+    `make_dataset(per_replica_batch, (num_pipelines, pipeline_id))` must build batches for one
+    replica from its shard of an index stream that every pipeline draws identically (the
+    balanced sampler's). Sharding indices before decoding, rather than letting auto-sharding
+    drop the other workers' elements of decoded global batches, keeps each image decoded once.
+    """
+    def dataset_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
+        return make_dataset(context.get_per_replica_batch_size(global_batch),
+                            (context.num_input_pipelines, context.input_pipeline_id))
+    return strategy.distribute_datasets_from_function(dataset_fn)
 
 
 def from_chief(strategy: tf.distribute.Strategy, values):

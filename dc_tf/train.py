@@ -139,11 +139,12 @@ def _train(cfg: config.TrainConfig, source: data.Source, backbone: keras.Model,
 
     # ---------------------------------------------------------------- pipelines and callbacks
     steps_per_epoch = math.ceil(cfg.reassign * cfg.num_examples / cfg.batch_size)
-    train_data = pipelines.training_dataset(
-        source, model.pseudo_labels, model.accept, cfg.image_size, cfg.crop_scale,
-        cfg.crop_ratio, cfg.batch_size, seed=cfg.seed + initial_epoch)
-    if distributed:
-        train_data = distribute.shard_by_data(train_data)
+    def training_data(batch_size: int, shard: tuple = (1, 0)) -> tf.data.Dataset:
+        return pipelines.training_dataset(
+            source, model.pseudo_labels, model.accept, cfg.image_size, cfg.crop_scale,
+            cfg.crop_ratio, batch_size, seed=cfg.seed + initial_epoch, shard=shard)
+    train_data = (distribute.per_worker_datasets(strategy, training_data, cfg.batch_size)
+                  if distributed else training_data(cfg.batch_size))
 
     if cfg.supervised:
         labeller = FixedLabelsCallback(labels, cfg.num_clusters, model_dir)

@@ -30,14 +30,17 @@ def feature_dataset(source: Source, resize_size: int, image_size: int, batch_siz
 
 
 def training_dataset(source: Source, labels: tf.Variable, accept: tf.Variable, image_size: int,
-                     crop_scale: tuple, crop_ratio: tuple, batch_size: int,
-                     seed: int) -> tf.data.Dataset:
+                     crop_scale: tuple, crop_ratio: tuple, batch_size: int, seed: int,
+                     shard: tuple = (1, 0)) -> tf.data.Dataset:
     """Endless batches of (augmented images, indices), balanced over the current clusters.
 
     Only accepted indices are decoded and augmented. The pseudo-labels are *not* part of the
     batch: prefetched batches are prepared before the callback reclusters, so train_step looks
     the labels up by index instead.
 
+    Args:
+      shard: (number of input pipelines, this one's id): every pipeline draws the same accepted
+        index stream and decodes only its share of it (tf.distribute, one pipeline per worker).
     Yields:
       float32 [B, S, S, C] pixels in [0, 255], int32 [B] example indices.
     """
@@ -47,5 +50,7 @@ def training_dataset(source: Source, labels: tf.Variable, accept: tf.Variable, i
         return view, tf.cast(index, tf.int32)
 
     ds = sampler.accepted_pairs(source, labels, accept, seed)
+    if shard[0] > 1:
+        ds = ds.shard(*shard)
     ds = ds.map(load, num_parallel_calls=AUTOTUNE).ignore_errors()
     return ds.batch(batch_size, drop_remainder=True).prefetch(AUTOTUNE)
