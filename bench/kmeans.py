@@ -7,11 +7,11 @@ r"""k-means at ImageNet size: exact FAISS vs the two-level mode (issue 8, item 4
 Features: a synthetic stand-in for DeepCluster's PCA-whitened, L2-normalised 256-d features, a
 mixture of --num_clusters Gaussian blobs (centres N(0, I), within-blob deviation --spread)
 projected onto the unit sphere; or real features from a .npy file (--features, e.g. the
-`embedding` output of an export's `assign` signature over a dataset). Both modes run `dc_tf.clustering.kmeans` with the same seed
-(hence the same initial centroids) and iterations. Prints JSON: seconds per mode, the speed-up,
-each assignment's objective (sum of squared distances of every example to its returned cluster's
-returned centroid, computed here in float64), their relative gap, and the NMI between the two
-assignments (with --reseeded_reference, also between two exact runs of different seeds: k-means
+`embedding` output of an export's `assign` signature over a dataset). Both modes run
+`dc_tf.clustering.kmeans` with the same seed and iterations. Prints JSON: seconds per mode, the
+speed-up, each assignment's objective (sum of squared distances of every example to its returned
+cluster's returned centroid, computed here in float64), their relative gap, and the NMI between
+the two assignments (with --reseeded_reference, also between two exact runs of different seeds: k-means
 has many local optima, so that NMI is the ceiling any other method can be held to).
 """
 
@@ -40,7 +40,8 @@ def blobs(num_examples: int, num_clusters: int, dim: int, spread: float, seed: i
 def objective(x: np.ndarray, labels: np.ndarray, centroids: np.ndarray) -> float:
     total = 0.0
     for start in range(0, len(x), 100_000):
-        diff = x[start:start + 100_000].astype(np.float64) - centroids[labels[start:start + 100_000]]
+        rows = slice(start, start + 100_000)
+        diff = x[rows].astype(np.float64) - centroids[labels[rows]]
         total += float((diff * diff).sum())
     return total
 
@@ -87,7 +88,8 @@ def main():
     if {"exact", "two_level"} <= results.keys():
         out["speedup"] = round(out["exact_seconds"] / out["two_level_seconds"], 2)
         out["objective_gap"] = out["two_level_objective"] / out["exact_objective"] - 1
-        out["nmi_two_level_vs_exact"] = clustering.nmi(results["two_level"].labels, results["exact"].labels)
+        out["nmi_two_level_vs_exact"] = clustering.nmi(results["two_level"].labels,
+                                                       results["exact"].labels)
     print(json.dumps(out))
 
 
