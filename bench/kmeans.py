@@ -11,8 +11,8 @@ projected onto the unit sphere; or real features from a .npy file (--features, e
 `dc_tf.clustering.kmeans` with the same seed and iterations. Prints JSON: seconds per mode, the
 speed-up, each assignment's objective (sum of squared distances of every example to its returned
 cluster's returned centroid, computed here in float64), their relative gap, and the NMI between
-the two assignments (with --reseeded_reference, also between two exact runs of different seeds: k-means
-has many local optima, so that NMI is the ceiling any other method can be held to).
+the two assignments (with --reseeded_reference, also between two exact runs of different seeds:
+k-means has many local optima, so that NMI is the ceiling any other method can be held to).
 """
 
 import argparse
