@@ -68,10 +68,12 @@ def extract_features(infer, dataset: tf.data.Dataset, num_examples: int, pca_dim
     seen, last_log = 0, start
 
     def project(x):
-        """Whitened (when fitted), L2-normalised rows, by blocks: bounded temporaries."""
-        return np.concatenate([
-            clustering.l2_normalize(pca.apply(part) if pca is not None else part)
-            for part in np.split(x, range(_STORE_ROWS, len(x), _STORE_ROWS))])
+        """Whitened (when fitted), L2-normalised rows; the PCA sample by blocks (bounded
+        temporaries), a batch in one go (no copy on the per-batch path)."""
+        if len(x) > _STORE_ROWS:
+            return np.concatenate([project(x[first:first + _STORE_ROWS])
+                                   for first in range(0, len(x), _STORE_ROWS)])
+        return clustering.l2_normalize(pca.apply(x) if pca is not None else x)
 
     def store(z, idx):
         nonlocal out

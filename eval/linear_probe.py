@@ -51,7 +51,7 @@ from dc_tf import data
 from dc_tf.clustering import kmeans, l2_normalize
 from dc_tf.config import ConfigError
 from dc_tf.data import transforms
-from eval import metrics
+from eval import cli, metrics
 from eval.features import (ExportedBackbone, FeatureStore, Progress, SplitFeatures,
                            extract_features, view_dataset)
 
@@ -403,16 +403,10 @@ def markdown_table(report: dict) -> str:
 
 def _define_flags() -> None:
     """Defines one flag per ProbeConfig field (here, so importing the module defines none)."""
-    for field in dataclasses.fields(ProbeConfig):
-        name, default, help_text = field.name, field.default, _HELP[field.name]
-        if name in ("models", "names"):
-            flags.DEFINE_multi_string(name[:-1], None, help_text)
-        elif name == "layers":
-            flags.DEFINE_list(name, [], help_text)
-        else:
-            define = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer,
-                      float: flags.DEFINE_float, str: flags.DEFINE_string}[field.type]
-            define(name, None if default is dataclasses.MISSING else default, help_text)
+    cli.define_flags(ProbeConfig, _HELP, skip=("models", "names"), lists=("layers",))
+    flags.adopt_module_key_flags(cli)  # listed by --help as this program's
+    for name in ("models", "names"):  # --model=A --model=B, one --name per --model
+        flags.DEFINE_multi_string(name[:-1], None, _HELP[name])
     flags.mark_flags_as_required(["model", "output"])
 
 

@@ -42,7 +42,7 @@ import tensorflow as tf
 from absl import app, flags, logging
 
 from dc_tf.config import ConfigError
-from eval import metrics, rmac
+from eval import cli, metrics, rmac
 
 DATASETS = ("roxford5k", "rparis6k", "oxford5k", "paris6k")
 REVISITED = ("roxford5k", "rparis6k")
@@ -399,14 +399,9 @@ def markdown_table(report: dict) -> str:
 
 def _define_flags() -> None:
     """Defines one flag per RetrievalConfig field (here, so importing the module defines none)."""
-    for field in dataclasses.fields(RetrievalConfig):
-        name, default, help_text = field.name, field.default, _HELP[field.name]
-        if name == "scales":
-            flags.DEFINE_list(name, ["1"], help_text)
-        else:
-            define = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer,
-                      float: flags.DEFINE_float, str: flags.DEFINE_string}[field.type]
-            define(name, None if default is dataclasses.MISSING else default, help_text)
+    cli.define_flags(RetrievalConfig, _HELP, skip=("scales",))
+    flags.adopt_module_key_flags(cli)  # listed by --help as this program's
+    flags.DEFINE_list("scales", ["1"], _HELP["scales"])
     flags.mark_flags_as_required(["model", "dataset", "data_dir", "output"])
 
 

@@ -47,7 +47,7 @@ from absl import app, flags, logging
 
 from dc_tf.config import ConfigError
 from dc_tf.data import transforms
-from eval import metrics, voc, voc_svm
+from eval import cli, metrics, voc, voc_svm
 from eval.features import ExportedBackbone
 from eval.voc_svm import ap_dict, image_batches, per_image
 
@@ -392,14 +392,8 @@ def markdown_table(report: dict) -> str:
 
 def _define_flags() -> None:
     """Defines one flag per VOCConfig field (here, so importing the module defines none)."""
-    for field in dataclasses.fields(VOCConfig):
-        name, default, help_text = field.name, field.default, _HELP[field.name]
-        if name in ("costs", "lowshot_k"):
-            flags.DEFINE_list(name, [str(v) for v in default], help_text)
-        else:
-            define = {int: flags.DEFINE_integer, float: flags.DEFINE_float,
-                      str: flags.DEFINE_string}[field.type]
-            define(name, None if default is dataclasses.MISSING else default, help_text)
+    cli.define_flags(VOCConfig, _HELP, lists=("costs", "lowshot_k"))
+    flags.adopt_module_key_flags(cli)  # listed by --help as this program's
     flags.mark_flags_as_required(["model", "voc", "output"])
 
 
@@ -409,13 +403,7 @@ def main(argv):
     f = flags.FLAGS
     values = {field.name: f[field.name].value for field in dataclasses.fields(VOCConfig)}
     try:
-        for flag, kind in (("costs", float), ("lowshot_k", int)):
-            try:
-                values[flag] = tuple(kind(v) for v in values[flag])
-            except ValueError as e:
-                raise ConfigError(f"--{flag}={','.join(values[flag])}: {e}; give "
-                                  f"comma-separated {kind.__name__} values") from e
-        report = run(VOCConfig(**values))
+        report = run(VOCConfig(**cli.parse_lists(values, {"costs": float, "lowshot_k": int})))
     except ConfigError as e:
         logging.error("%s", e)
         sys.exit(f"error: {e}")

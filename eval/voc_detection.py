@@ -51,7 +51,7 @@ from absl import app, flags, logging
 
 from dc_tf.config import ConfigError
 from eval import detection_data as data
-from eval import metrics, voc
+from eval import cli, metrics, voc
 from eval.detection_model import build_detector, pyramid_plan
 from eval.features import ExportedBackbone, Progress
 
@@ -362,14 +362,8 @@ _LISTS = {"lr_steps": int, "train_sizes": int}
 
 def _define_flags() -> None:
     """Defines one flag per DetectionConfig field (here, so importing the module defines none)."""
-    for field in dataclasses.fields(DetectionConfig):
-        name, default, help_text = field.name, field.default, _HELP[field.name]
-        if name in _LISTS:
-            flags.DEFINE_list(name, [str(v) for v in default], help_text)
-        else:
-            define = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer,
-                      float: flags.DEFINE_float, str: flags.DEFINE_string}[field.type]
-            define(name, None if default is dataclasses.MISSING else default, help_text)
+    cli.define_flags(DetectionConfig, _HELP, lists=tuple(_LISTS))
+    flags.adopt_module_key_flags(cli)  # listed by --help as this program's
     flags.mark_flags_as_required(["model", "voc", "output"])
 
 
@@ -379,12 +373,8 @@ def main(argv):
     f = flags.FLAGS
     values = {field.name: f[field.name].value for field in dataclasses.fields(DetectionConfig)}
     try:
-        for flag, kind in _LISTS.items():
-            try:
-                values[flag] = tuple(kind(v) for v in values[flag])
-            except ValueError as e:
-                raise ConfigError(f"--{flag}={','.join(values[flag])}: {e}; give "
-                                  f"comma-separated {kind.__name__} values") from e
+        values = cli.parse_lists(values, _LISTS)
+        for flag in _LISTS:
             if not values[flag]:
                 raise ConfigError(f"--{flag} is empty; give at least one value")
         report = run(DetectionConfig(**values))

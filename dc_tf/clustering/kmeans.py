@@ -111,7 +111,7 @@ def kmeans(x: np.ndarray, num_clusters: int, seed: int, niter: int = 20,
     clus = faiss.Clustering(dim, num_clusters)
     clus.niter = niter
     if mode == "two_level":
-        cells = max(1, min(int(round(np.sqrt(num_clusters))), num_clusters))
+        cells = int(round(np.sqrt(num_clusters)))  # in [1, k] for every k >= 1
         # FAISS's settings inside the cells (25 iterations, at most 256 examples per centroid)
         # cannot be passed through; the coarse level takes niter.
         start, _ = two_level_clustering(x, cells, num_clusters, clustering_niter=niter,
