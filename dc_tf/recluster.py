@@ -143,6 +143,8 @@ class ReclusterCallback(keras.callbacks.Callback):
 
     Args:
       infer: float32 images -> float32 [B, D] clustering features (network in inference mode).
+      refresh_infer: brings `infer`'s network up to date with the trained backbone; called
+        before every feature pass (models.FoldedBackbone.refresh, which refolds BN).
       feature_data: callable returning the feature-pass dataset (batches of images, indices,
         labels); called at each reclustering.
       clusterer: the numpy clustering.
@@ -155,12 +157,14 @@ class ReclusterCallback(keras.callbacks.Callback):
     After `on_epoch_begin`, `stats` holds the epoch's clustering figures for the run logger.
     """
 
-    def __init__(self, infer: Callable, feature_data: Callable[[], tf.data.Dataset],
+    def __init__(self, infer: Callable, refresh_infer: Callable[[], None],
+                 feature_data: Callable[[], tf.data.Dataset],
                  clusterer: Clusterer, num_examples: int, pca_dim: int, pca_sample: int,
                  model_dir: str, reassign: int,
                  strategy: Optional[tf.distribute.Strategy] = None):
         super().__init__()
-        self.infer, self.feature_data, self.clusterer = infer, feature_data, clusterer
+        self.infer, self.refresh_infer = infer, refresh_infer
+        self.feature_data, self.clusterer = feature_data, clusterer
         self.num_examples, self.pca_dim, self.pca_sample = num_examples, pca_dim, pca_sample
         self.model_dir, self.reassign = model_dir, reassign
         self.strategy = strategy
@@ -192,6 +196,7 @@ class ReclusterCallback(keras.callbacks.Callback):
         logging.info("epoch %s: feature pass over %d images", epoch, self.num_examples)
         if self.strategy is not None:  # every replica computes features with the chief's network
             distribute.sync_from_chief(self.strategy, self.model.backbone.non_trainable_variables)
+        self.refresh_infer()
         return extract_features(self.infer, self.feature_data(), self.num_examples,
                                 self.pca_dim, self.pca_sample, strategy=self.strategy)
 

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from dc_tf.models import (ARCHS, NormalizePixels, Sobel, build_backbone, cluster_endpoint,
-                          head_endpoint)
+from dc_tf.models import (ARCHS, FoldedBackbone, NormalizePixels, Sobel, build_backbone,
+                          cluster_endpoint, head_endpoint)
 from dc_tf.models.layers import SOBEL_X, SOBEL_Y
 
 MEAN = (0.485, 0.456, 0.406)
@@ -216,3 +216,60 @@ def test_small_vgg_keras_round_trip(tmp_path):
     assert set(got) == set(want)
     for name in want:
         np.testing.assert_array_equal(got[name].numpy(), want[name].numpy())
+
+
+# --- BatchNorm folding for the feature pass -------------------------------------------------
+
+
+def _random_bn_statistics(model, seed):
+    """Gives every BN layer non-trivial gamma, beta and moving statistics (as after training)."""
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            n = layer.gamma.shape[0]
+            layer.set_weights([rng.uniform(0.5, 1.5, n), rng.normal(0, 0.1, n),
+                               rng.normal(0, 0.1, n), rng.uniform(0.5, 2.0, n)])
+
+
+@pytest.mark.parametrize("arch,size", [("small_vgg", 32), ("alexnet", 64), ("vgg16", 32),
+                                       ("resnet50", 32)])
+def test_folded_backbone_matches_every_endpoint(arch, size):
+    model = build_backbone(arch, size, 1, arch != "small_vgg", (0.3,), (0.35,), seed=0)
+    _random_bn_statistics(model, 1)
+    folded = FoldedBackbone(model)
+    bns = [l for l in model.layers if isinstance(l, keras.layers.BatchNormalization)]
+    # Every BN of these networks follows a conv whose output nothing else reads.
+    assert sorted(folded.pairs.values()) == sorted(l.name for l in bns)
+    assert not any(isinstance(l, keras.layers.BatchNormalization) for l in folded.network.layers)
+    images = np.random.default_rng(2).uniform(0, 255, (4, size, size, 1)).astype(np.float32)
+
+    def check():
+        want = model(images, training=False)
+        got = folded.network(images, training=False)
+        assert set(got) == set(want)
+        for name in want:
+            scale = float(np.abs(want[name]).max()) + 1e-6
+            np.testing.assert_allclose(got[name], want[name], atol=1e-4 * scale, err_msg=name)
+
+    check()
+    # After the backbone's weights change, refresh() refolds them; without it the copy is stale.
+    _random_bn_statistics(model, 3)
+    stale = folded.network(images, training=False)[cluster_endpoint(arch)]
+    assert not np.allclose(stale, model(images, training=False)[cluster_endpoint(arch)],
+                           atol=1e-4)
+    folded.refresh()
+    check()
+
+
+def test_folding_leaves_a_bn_whose_conv_output_is_also_read_elsewhere():
+    inputs = keras.Input((8, 8, 1))
+    conv = keras.layers.Conv2D(4, 3, padding="same", name="conv")(inputs)
+    bn = keras.layers.BatchNormalization(name="bn")(conv)
+    model = keras.Model(inputs, {"pre_bn": conv, "post_bn": bn})
+    _random_bn_statistics(model, 0)
+    folded = FoldedBackbone(model)
+    assert folded.pairs == {}
+    images = np.random.default_rng(0).normal(size=(2, 8, 8, 1)).astype(np.float32)
+    for name, value in model(images, training=False).items():
+        np.testing.assert_allclose(folded.network(images, training=False)[name], value,
+                                   atol=1e-5)

@@ -12,6 +12,7 @@ import keras
 
 from dc_tf.config import ARCHS
 from dc_tf.models import alexnet, resnet50, small_vgg, vgg16
+from dc_tf.models.folding import FoldedBackbone
 from dc_tf.models.layers import NormalizePixels, Sobel
 
 _MODULES = {"alexnet": (alexnet, alexnet.build_alexnet),
@@ -19,7 +20,7 @@ _MODULES = {"alexnet": (alexnet, alexnet.build_alexnet),
             "resnet50": (resnet50, resnet50.build_resnet50),
             "small_vgg": (small_vgg, small_vgg.build_small_vgg)}
 
-__all__ = ["ARCHS", "NormalizePixels", "Sobel", "build_backbone", "cluster_endpoint",
+__all__ = ["ARCHS", "FoldedBackbone", "NormalizePixels", "Sobel", "build_backbone", "cluster_endpoint",
            "head_endpoint", "min_image_size"]
 
 
