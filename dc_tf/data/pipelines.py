@@ -11,6 +11,15 @@ from dc_tf.data.sources import Source
 AUTOTUNE = tf.data.AUTOTUNE
 
 
+# tf.data's autotuner off for the feature pass: its map then runs one call per core (tf.data's
+# default for AUTOTUNE without the autotuner) and prefetch grows its buffer only when waited on.
+# On a 2-core CPU the autotuner's own work competes with the network: a feature pass of 20,000
+# Fashion-MNIST images took 10.3 s with it (sometimes 20.5 s) and 9.1 s without it
+# (bench/RESULTS.md §8).
+_FIXED_PARALLELISM = tf.data.Options()
+_FIXED_PARALLELISM.autotune.enabled = False
+
+
 def feature_dataset(source: Source, resize_size: int, image_size: int, batch_size: int,
                     order: Optional[np.ndarray] = None) -> tf.data.Dataset:
     """Every example once, centre-cropped, as batches of (images, indices, labels).
@@ -26,7 +35,8 @@ def feature_dataset(source: Source, resize_size: int, image_size: int, batch_siz
         return transforms.center_crop(image, resize_size, image_size), index, label
 
     ds = source.triples(order).map(load, num_parallel_calls=AUTOTUNE, deterministic=True)
-    return ds.ignore_errors().batch(batch_size).prefetch(AUTOTUNE)
+    ds = ds.ignore_errors().batch(batch_size).prefetch(AUTOTUNE)
+    return ds.with_options(_FIXED_PARALLELISM)
 
 
 def training_dataset(source: Source, labels: tf.Variable, accept: tf.Variable, image_size: int,
