@@ -10,6 +10,7 @@ import tensorflow as tf
 from conftest import write_image
 from dc_tf import data
 from dc_tf.data import pipelines, transforms
+from dc_tf.data.sources import ArraySource
 
 
 def _write_idx(path, array):
@@ -149,3 +150,17 @@ def test_folder_source_handles_links_odd_names_animations_and_tiny_images(tmp_pa
     assert sorted(idx.numpy()) == [0, 1, 2] and x.shape == (3, 32, 32, 3)
     gif = x[list(idx.numpy()).index(source.paths.index(os.path.join("a", "animated.gif")))]
     assert float(tf.reduce_mean(gif[..., 0])) < 1.0  # the first frame (red = 0), not a later one
+
+
+def test_in_memory_feature_batches_match_decoding_one_image_at_a_time():
+    rng = np.random.default_rng(3)
+    images = rng.integers(0, 255, (10, 30, 40, 1), dtype=np.uint8)
+    source = ArraySource("arrays", 10, 1, np.arange(10) % 3, images=images)
+    order = rng.permutation(10)
+    batches = list(pipelines.feature_dataset(source, 34, 32, batch_size=4, order=order))
+    assert [len(b[1]) for b in batches] == [4, 4, 2]
+    x, idx, labels = (np.concatenate([b[i].numpy() for b in batches]) for i in range(3))
+    np.testing.assert_array_equal(idx, order)
+    np.testing.assert_array_equal(labels, order % 3)
+    for image, i in zip(x, idx):
+        np.testing.assert_allclose(image, transforms.center_crop(images[i], 34, 32), atol=1e-3)

@@ -6,7 +6,7 @@ import numpy as np
 import tensorflow as tf
 
 from dc_tf.data import sampler, transforms
-from dc_tf.data.sources import Source
+from dc_tf.data.sources import ArraySource, Source
 
 AUTOTUNE = tf.data.AUTOTUNE
 
@@ -30,13 +30,20 @@ def feature_dataset(source: Source, resize_size: int, image_size: int, batch_siz
       float32 [B, S, S, C] pixels in [0, 255], int64 [B] indices, int64 [B] labels (-1 unknown).
       Examples that fail to decode are dropped; the caller finds them as missing indices.
     """
-    def load(index, payload, label):
-        image = source.decode(index, payload)
-        return transforms.center_crop(image, resize_size, image_size), index, label
+    if isinstance(source, ArraySource):  # one size, nothing to fail: one map per batch
+        def load(indices, payloads, labels):
+            images = source.decode(indices, payloads)
+            return transforms.center_crop(images, resize_size, image_size), indices, labels
 
-    ds = source.triples(order).map(load, num_parallel_calls=AUTOTUNE, deterministic=True)
-    ds = ds.ignore_errors().batch(batch_size).prefetch(AUTOTUNE)
-    return ds.with_options(_FIXED_PARALLELISM)
+        ds = source.triples(order, batch_size).map(load)
+    else:
+        def load(index, payload, label):
+            image = source.decode(index, payload)
+            return transforms.center_crop(image, resize_size, image_size), index, label
+
+        ds = source.triples(order).map(load, num_parallel_calls=AUTOTUNE, deterministic=True)
+        ds = ds.ignore_errors().batch(batch_size)
+    return ds.prefetch(AUTOTUNE).with_options(_FIXED_PARALLELISM)
 
 
 def training_dataset(source: Source, labels: tf.Variable, accept: tf.Variable, image_size: int,

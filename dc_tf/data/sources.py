@@ -96,12 +96,16 @@ class Source(abc.ABC):
     labels: Optional[np.ndarray]
     random_access: bool = True
 
-    def triples(self, order: Optional[np.ndarray] = None) -> tf.data.Dataset:
-        """(index int64, payload, label int64) for every example, in `order` or index order."""
+    def triples(self, order: Optional[np.ndarray] = None,
+                batch_size: Optional[int] = None) -> tf.data.Dataset:
+        """(index int64, payload, label int64) for every example, in `order` or index order;
+        with `batch_size`, vectors of that many (the last one shorter)."""
         indices = np.arange(self.num_examples) if order is None else np.asarray(order)
         labels = (tf.constant(self.labels, tf.int64) if self.labels is not None
                   else tf.fill([self.num_examples], tf.constant(-1, tf.int64)))
         ds = tf.data.Dataset.from_tensor_slices(indices.astype(np.int64))
+        if batch_size:
+            ds = ds.batch(batch_size)
         return ds.map(lambda i: (i, i, tf.gather(labels, i)))
 
     @abc.abstractmethod
@@ -115,7 +119,7 @@ class Source(abc.ABC):
 
 @dataclasses.dataclass
 class ArraySource(Source):
-    """Images held in memory as uint8 [N, H, W, C]."""
+    """Images held in memory as uint8 [N, H, W, C]; `decode` also takes a vector of indices."""
     images: np.ndarray = None
 
     def __post_init__(self):
@@ -157,7 +161,7 @@ class TFDSSource(Source):
     image_key: str = "image"
     label_key: Optional[str] = "label"
 
-    def triples(self, order=None):
+    def triples(self, order=None, batch_size=None):
         if order is not None:
             raise ValueError(f"{self.name} is read sequentially; it has no random order")
         import tensorflow_datasets as tfds  # only record sources need TFDS at run time
@@ -168,7 +172,8 @@ class TFDSSource(Source):
         def unpack(i, ex):
             label = tf.cast(ex[label_key], tf.int64) if label_key else tf.constant(-1, tf.int64)
             return i, ex[self.image_key], label
-        return ds.enumerate().map(unpack)
+        ds = ds.enumerate().map(unpack)
+        return ds.batch(batch_size) if batch_size else ds
 
     def decode(self, index, payload):
         del index

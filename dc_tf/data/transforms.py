@@ -17,18 +17,18 @@ def center_crop(image: tf.Tensor, resize_size: int, image_size: int) -> tf.Tenso
     """Feature-pass view: resize the shorter side to `resize_size`, centre-crop `image_size`.
 
     Args:
-      image: uint8 [H, W, C].
+      image: uint8 [H, W, C], or [B, H, W, C] for a batch of images of one size.
     Returns:
-      float32 [image_size, image_size, C].
+      float32 [image_size, image_size, C] (or [B, image_size, image_size, C]).
     """
     shape = tf.shape(image)
-    h, w = tf.cast(shape[0], tf.float32), tf.cast(shape[1], tf.float32)
+    h, w = tf.cast(shape[-3], tf.float32), tf.cast(shape[-2], tf.float32)
     scale = resize_size / tf.minimum(h, w)
     new_h = tf.maximum(image_size, tf.cast(tf.round(h * scale), tf.int32))
     new_w = tf.maximum(image_size, tf.cast(tf.round(w * scale), tf.int32))
     resized = tf.image.resize(image, [new_h, new_w], antialias=True)
     top, left = (new_h - image_size) // 2, (new_w - image_size) // 2
-    return resized[top:top + image_size, left:left + image_size]
+    return resized[..., top:top + image_size, left:left + image_size, :]
 
 
 def random_resized_crop(image: tf.Tensor, image_size: int, scale: tuple, ratio: tuple,
