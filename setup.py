@@ -22,6 +22,7 @@ setup(
         "tensorboard>=2.16",
         "scikit-learn>=1.3",
         "scipy>=1.11",
+        "threadpoolctl>=3.1",  # one BLAS thread during the feature pass (dc_tf/features.py)
         "matplotlib>=3.7",  # the pipelines' report plots
         "pillow>=10",  # montages of clusters, filters and retrieval results
         "keras-hub>=0.32,<0.33",  # eval.voc_detection: RetinaNet, its FPN, anchors and losses

@@ -13,6 +13,7 @@ from typing import Optional
 
 import numpy as np
 import tensorflow as tf
+import threadpoolctl
 from absl import logging
 
 from dc_tf import clustering, distribute, failpoints
@@ -91,26 +92,31 @@ def extract_features(infer, dataset: tf.data.Dataset, num_examples: int, pca_dim
 
     batches = (_batches(infer, dataset) if strategy is None
                else _sharded_batches(infer, dataset, strategy))
-    for x, idx, lab in batches:
-        labels[idx], present[idx] = lab, True
-        seen += len(idx)
-        failpoints.reach("features.batch")
-        if filled < target:
-            if sample is None:
-                sample = np.empty((target, x.shape[1]), np.float32)
-                sample_idx = np.empty(target, np.int64)
-            take = min(target - filled, len(idx))
-            sample[filled:filled + take], sample_idx[filled:filled + take] = x[:take], idx[:take]
-            filled += take
-            if filled == target:
-                fit_sample()
-            x, idx = x[take:], idx[take:]
-        if len(idx):
-            store(project(x), idx)
-        if time.time() - last_log > log_every_s:
-            last_log = time.time()
-            logging.info("features: %d/%d images (%.0f images/s)", seen, num_examples,
-                         seen / (last_log - start))
+    # One BLAS thread for the numpy work between batches: OpenBLAS's idle threads spin and take
+    # cores from the network (on 2 cores the pass took 10 % longer than plain inference with
+    # them, 4 % without; bench/RESULTS.md §8).
+    with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):
+        for x, idx, lab in batches:
+            labels[idx], present[idx] = lab, True
+            seen += len(idx)
+            failpoints.reach("features.batch")
+            if filled < target:
+                if sample is None:
+                    sample = np.empty((target, x.shape[1]), np.float32)
+                    sample_idx = np.empty(target, np.int64)
+                take = min(target - filled, len(idx))
+                sample[filled:filled + take] = x[:take]
+                sample_idx[filled:filled + take] = idx[:take]
+                filled += take
+                if filled == target:
+                    fit_sample()
+                x, idx = x[take:], idx[take:]
+            if len(idx):
+                store(project(x), idx)
+            if time.time() - last_log > log_every_s:
+                last_log = time.time()
+                logging.info("features: %d/%d images (%.0f images/s)", seen, num_examples,
+                             seen / (last_log - start))
     if sample is not None:  # unreadable examples left the stream shorter than the sample
         fit_sample()
     if out is None:
