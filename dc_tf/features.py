@@ -93,8 +93,8 @@ def extract_features(infer, dataset: tf.data.Dataset, num_examples: int, pca_dim
     batches = (_batches(infer, dataset) if strategy is None
                else _sharded_batches(infer, dataset, strategy))
     # One BLAS thread for the numpy work between batches: OpenBLAS's idle threads spin and take
-    # cores from the network (on 2 cores the pass took 10 % longer than plain inference with
-    # them, 4 % without; bench/RESULTS.md §8).
+    # cores from the network (on 2 cores the pass took 10 % longer than the same network's
+    # inference alone with them, 4 % without; bench/RESULTS.md §8).
     with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):
         for x, idx, lab in batches:
             labels[idx], present[idx] = lab, True

@@ -20,8 +20,8 @@ _MODULES = {"alexnet": (alexnet, alexnet.build_alexnet),
             "resnet50": (resnet50, resnet50.build_resnet50),
             "small_vgg": (small_vgg, small_vgg.build_small_vgg)}
 
-__all__ = ["ARCHS", "FoldedBackbone", "NormalizePixels", "Sobel", "build_backbone", "cluster_endpoint",
-           "head_endpoint", "min_image_size"]
+__all__ = ["ARCHS", "FoldedBackbone", "NormalizePixels", "Sobel", "build_backbone",
+           "cluster_endpoint", "head_endpoint", "min_image_size"]
 
 
 def _check_arch(arch: str) -> None:
