@@ -6,7 +6,7 @@ import numpy as np
 import tensorflow as tf
 
 from dc_tf.data import sampler, transforms
-from dc_tf.data.sources import ArraySource, Source
+from dc_tf.data.sources import Source
 
 AUTOTUNE = tf.data.AUTOTUNE
 
@@ -30,7 +30,7 @@ def feature_dataset(source: Source, resize_size: int, image_size: int, batch_siz
       float32 [B, S, S, C] pixels in [0, 255], int64 [B] indices, int64 [B] labels (-1 unknown).
       Examples that fail to decode are dropped; the caller finds them as missing indices.
     """
-    if isinstance(source, ArraySource):  # one size, nothing to fail: one map per batch
+    if source.decodes_batches:  # one map per batch
         def load(indices, payloads, labels):
             images = source.decode(indices, payloads)
             return transforms.center_crop(images, resize_size, image_size), indices, labels

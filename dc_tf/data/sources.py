@@ -18,7 +18,7 @@ Sources:
 import abc
 import dataclasses
 import os
-from typing import Optional
+from typing import ClassVar, Optional
 
 import numpy as np
 import tensorflow as tf
@@ -89,12 +89,15 @@ class Source(abc.ABC):
       labels: int64 [N] ground-truth labels for monitoring, -1 where unknown; None when the
         labels are only learnt while reading (record sources fill them in the feature pass).
       random_access: whether `decode` can read any index without reading the others.
+      decodes_batches: whether `decode` also takes a vector of indices (images of one size that
+        cannot fail to decode), so a pipeline may batch before decoding.
     """
     name: str
     num_examples: int
     channels: int
     labels: Optional[np.ndarray]
     random_access: bool = True
+    decodes_batches: ClassVar[bool] = False
 
     def triples(self, order: Optional[np.ndarray] = None,
                 batch_size: Optional[int] = None) -> tf.data.Dataset:
@@ -121,6 +124,7 @@ class Source(abc.ABC):
 class ArraySource(Source):
     """Images held in memory as uint8 [N, H, W, C]; `decode` also takes a vector of indices."""
     images: np.ndarray = None
+    decodes_batches: ClassVar[bool] = True
 
     def __post_init__(self):
         self._images = tf.constant(self.images)
