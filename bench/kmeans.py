@@ -3,6 +3,7 @@ r"""k-means at ImageNet size: exact FAISS vs the two-level mode (issue 8, item 4
     python bench/kmeans.py                                  # N = 1,281,167, d = 256, k = 10,000
     python bench/kmeans.py --num_examples=100000 --num_clusters=1000 --niter=10
     python bench/kmeans.py --features=embeddings.npy --num_clusters=1000
+    python bench/kmeans.py --use_gpu                        # FAISS on every visible GPU (faiss-gpu)
 
 Features: a synthetic stand-in for DeepCluster's PCA-whitened, L2-normalised 256-d features, a
 mixture of --num_clusters Gaussian blobs (centres N(0, I), within-blob deviation --spread)
@@ -57,6 +58,8 @@ def main():
     parser.add_argument("--modes", default="exact,two_level")
     parser.add_argument("--features", default="",
                         help="a float32 [N, d] .npy of real features to cluster instead of blobs")
+    parser.add_argument("--use_gpu", action="store_true",
+                        help="run FAISS on every visible GPU (needs faiss-gpu); default: the CPU")
     parser.add_argument("--reseeded_reference", action="store_true",
                         help="also run exact k-means with seed + 1 and report its NMI with the "
                              "first exact run")
@@ -68,13 +71,13 @@ def main():
     else:
         x = blobs(args.num_examples, args.num_clusters, args.dim, args.spread, args.seed)
         data = {"spread": args.spread}
-    out = {"num_examples": len(x), "num_clusters": args.num_clusters, "dim": x.shape[1],
+    out = {"device": "gpu" if args.use_gpu else "cpu", "num_examples": len(x), "num_clusters": args.num_clusters, "dim": x.shape[1],
            "niter": args.niter, **data}
     results = {}
     for mode in args.modes.split(","):
         start = time.time()
         result = clustering.kmeans(x, args.num_clusters, seed=args.seed, niter=args.niter,
-                                   use_gpu=False, mode=mode)
+                                   use_gpu=args.use_gpu, mode=mode)
         out[f"{mode}_seconds"] = round(time.time() - start, 1)
         out[f"{mode}_objective"] = objective(x, result.labels, result.centroids)
         out[f"{mode}_empty_clusters_repaired"] = result.empty_clusters
@@ -82,7 +85,7 @@ def main():
         print(json.dumps({k: v for k, v in out.items() if k.startswith(mode)}), flush=True)
     if args.reseeded_reference:  # how much two exact runs agree: NMI's ceiling on this data
         other = clustering.kmeans(x, args.num_clusters, seed=args.seed + 1, niter=args.niter,
-                                  use_gpu=False)
+                                  use_gpu=args.use_gpu)
         out["nmi_exact_vs_exact_other_seed"] = clustering.nmi(other.labels,
                                                               results["exact"].labels)
     if {"exact", "two_level"} <= results.keys():
