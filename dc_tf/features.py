@@ -67,6 +67,8 @@ def extract_features(infer, dataset: tf.data.Dataset, num_examples: int, pca_dim
     target = min(pca_sample, num_examples) if pca_dim > 0 else 0
     sample, sample_idx, filled = None, None, 0
     seen, last_log = 0, start
+    blas_threads = max((pool["num_threads"] for pool in threadpoolctl.threadpool_info()
+                        if pool["user_api"] == "blas"), default=1)
 
     def project(x):
         """Whitened (when fitted), L2-normalised rows; the PCA sample by blocks (bounded
@@ -84,9 +86,12 @@ def extract_features(infer, dataset: tf.data.Dataset, num_examples: int, pca_dim
 
     def fit_sample():
         nonlocal pca, sample
-        pca = clustering.fit_pca_whitening(sample[:filled], pca_dim)
-        failpoints.reach("pca.fitted")
-        z = project(sample[:filled])
+        # Once per pass and BLAS-bound (a 4096 x 4096 covariance over 50,000 rows): every BLAS
+        # thread the process had, even when the sample fills inside the one-thread loop below.
+        with threadpoolctl.threadpool_limits(limits=blas_threads, user_api="blas"):
+            pca = clustering.fit_pca_whitening(sample[:filled], pca_dim)
+            failpoints.reach("pca.fitted")
+            z = project(sample[:filled])
         sample = None  # freed before the N x pca_dim output exists: the two never coexist
         store(z, sample_idx[:filled])
 

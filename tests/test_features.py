@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import tensorflow as tf
+import threadpoolctl
 
 from dc_tf import clustering
 from dc_tf.features import extract_features
@@ -44,3 +45,35 @@ def test_without_pca_rows_are_only_normalised():
                               pca_sample=0)
     assert result.pca is None
     np.testing.assert_allclose(result.features, clustering.l2_normalize(features), rtol=1e-6)
+
+
+def _blas_threads() -> list:
+    return [pool["num_threads"] for pool in threadpoolctl.threadpool_info()
+            if pool["user_api"] == "blas"]
+
+
+# The sample fills inside the loop (40), or the stream ends first (1000 > the 90 readable rows).
+@pytest.mark.parametrize("pca_sample", [40, 1000])
+def test_the_pca_fit_gets_every_blas_thread_and_the_batches_one(monkeypatch, pca_sample):
+    # The per-batch numpy work runs on one BLAS thread (spinning idle threads take the cores
+    # from the network); the once-per-pass PCA fit must not inherit that limit.
+    with threadpoolctl.threadpool_limits(limits=2, user_api="blas"):
+        if not _blas_threads() or max(_blas_threads()) < 2:
+            pytest.skip("no BLAS library that threadpoolctl can set to 2 threads")
+        seen = {}
+        fit = clustering.fit_pca_whitening
+
+        def recording_fit(x, dim):
+            seen["fit"] = _blas_threads()
+            return fit(x, dim)
+
+        def recording_infer(images):
+            seen.setdefault("batches", _blas_threads())
+            return tf.identity(images)
+
+        monkeypatch.setattr(clustering, "fit_pca_whitening", recording_fit)
+        features = np.random.default_rng(2).standard_normal((100, 12)).astype(np.float32)
+        extract_features(recording_infer, _stream(features, np.arange(90), batch=16), 100,
+                         pca_dim=5, pca_sample=pca_sample)
+    assert set(seen["fit"]) == {2}
+    assert set(seen["batches"]) == {1}
