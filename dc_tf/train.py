@@ -15,6 +15,7 @@ import os
 import sys
 from typing import Optional
 
+import faiss
 import keras
 import numpy as np
 import tensorflow as tf
@@ -115,6 +116,13 @@ def _train(cfg: config.TrainConfig, source: data.Source, backbone: keras.Model,
     logging.info("configuration:\n%s", cfg.to_json())
     logging.info("dataset %s: %d images, %d channel(s)", source.name, source.num_examples,
                  source.channels)
+    # A GPU machine whose CUDA libraries TensorFlow cannot load trains on the CPU after a single
+    # warning (bench/RESULTS.md §9): say where the run goes.
+    gpus = tf.config.list_physical_devices("GPU")
+    logging.info("devices: %s; k-means on %s",
+                 f"{len(gpus)} GPU(s) visible to TensorFlow" if gpus
+                 else "no GPU visible to TensorFlow, training on the CPU",
+                 f"{faiss.get_num_gpus()} GPU(s)" if faiss.get_num_gpus() else "the CPU")
 
     # ---------------------------------------------------------------- model and state
     with distribute.variable_scope(strategy):
