@@ -71,8 +71,8 @@ def main():
     else:
         x = blobs(args.num_examples, args.num_clusters, args.dim, args.spread, args.seed)
         data = {"spread": args.spread}
-    out = {"device": "gpu" if args.use_gpu else "cpu", "num_examples": len(x), "num_clusters": args.num_clusters, "dim": x.shape[1],
-           "niter": args.niter, **data}
+    out = {"device": "gpu" if args.use_gpu else "cpu", "num_examples": len(x),
+           "num_clusters": args.num_clusters, "dim": x.shape[1], "niter": args.niter, **data}
     results = {}
     for mode in args.modes.split(","):
         start = time.time()
