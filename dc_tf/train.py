@@ -119,7 +119,7 @@ def _train(cfg: config.TrainConfig, source: data.Source, backbone: keras.Model,
     # A GPU machine whose CUDA libraries TensorFlow cannot load trains on the CPU after a single
     # warning (bench/RESULTS.md §9): say where the run goes.
     gpus, faiss_gpus = tf.config.list_physical_devices("GPU"), faiss.get_num_gpus()
-    logging.info("devices: %s; k-means on %s",
+    logging.info("devices: %s; FAISS (k-means, PIC's graph) on %s",
                  f"{len(gpus)} GPU(s) visible to TensorFlow" if gpus
                  else "no GPU visible to TensorFlow, training on the CPU",
                  f"{faiss_gpus} GPU(s)" if faiss_gpus else "the CPU")
