@@ -32,6 +32,16 @@ from dc_tf.recluster import (Clusterer, FinalClustering, FixedLabelsCallback,
 from dc_tf.visualization.cluster_montage import ClusterMontageCallback
 
 
+# The feature pass's batch: inference has no reason to use small SGD batches, and larger ones
+# run faster. The least multiple of the training batch, which splits evenly over the replicas,
+# that holds FEATURE_BATCH images.
+FEATURE_BATCH = 256
+
+
+def feature_batch_size(batch_size: int) -> int:
+    return batch_size * math.ceil(FEATURE_BATCH / batch_size)
+
+
 def run(cfg: config.TrainConfig, overwrite: bool = False) -> config.TrainConfig:
     """Trains DeepCluster as configured and exports the backbone to MODEL_DIR/export.
 
@@ -169,7 +179,7 @@ def _train(cfg: config.TrainConfig, source: data.Source, backbone: keras.Model,
         labeller = ReclusterCallback(
             infer, folded.refresh,
             lambda: pipelines.feature_dataset(source, cfg.resize_size, cfg.image_size,
-                                              cfg.batch_size, order),
+                                              feature_batch_size(cfg.batch_size), order),
             Clusterer(cfg.clustering, cfg.num_clusters, cfg.kmeans_iters, cfg.seed,
                       cfg.kmeans_mode),
             cfg.num_examples, cfg.pca_dim, cfg.pca_sample, model_dir, cfg.reassign,

@@ -24,6 +24,12 @@ def trained(tmp_path_factory):
     return train.run(config_from_flagfile("smoke.cfg", f"--model_dir={model_dir}"))
 
 
+@pytest.mark.parametrize("batch, expected", [(64, 256), (256, 256), (100, 300), (512, 512)])
+def test_feature_pass_batch_is_the_least_multiple_of_the_training_batch_from_256(batch, expected):
+    from dc_tf import train
+    assert train.feature_batch_size(batch) == expected
+
+
 def _metrics(model_dir):
     with open(os.path.join(model_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f if line.strip()]
