@@ -21,9 +21,12 @@ from conftest import ROOT
 from dc_tf import failpoints
 
 EPOCHS = 3
-ARGS = ["--max_examples=192", "--num_clusters=4", "--pca_dim=8", "--batch_size=32",
+# Batch 256, the feature pass's batch too (dc_tf.train.feature_batch_size): 6 batches per feature
+# pass and 6 training steps per epoch, so every kill below lands where its comment says.
+ARGS = ["--max_examples=1536", "--num_clusters=4", "--pca_dim=8", "--batch_size=256",
         f"--epochs={EPOCHS}"]
-STEPS = 6  # ceil(192 / 32)
+NUM_EXAMPLES = 1536
+STEPS = 6  # ceil(1536 / 256)
 
 # The N in NAME:N counts from the start of each process, and every re-run starts again at the
 # beginning of the epoch after the last checkpoint.
@@ -72,7 +75,7 @@ def test_killed_anywhere_the_same_command_finishes_the_run(tmp_path):
     assert all(row["steps"] == STEPS for row in rows), [row["steps"] for row in rows]
     for name in [f"epoch_{e:04d}.npy" for e in range(EPOCHS)] + ["final.npy"]:
         labels = np.load(model_dir / "assignments" / name)
-        assert labels.shape == (192,) and labels.min() >= 0, name
+        assert labels.shape == (NUM_EXAMPLES,) and labels.min() >= 0, name
     assert json.load(open(model_dir / "final_clustering.json"))["epochs"] == EPOCHS
     latest = tf.train.latest_checkpoint(str(model_dir / "checkpoints"))
     assert latest.endswith(f"ckpt-{EPOCHS}")
