@@ -23,9 +23,9 @@ from dc_tf import failpoints
 EPOCHS = 3
 # Batch 256, the feature pass's batch too (dc_tf.train.feature_batch_size): 6 batches per feature
 # pass and 6 training steps per epoch, so every kill below lands where its comment says.
-ARGS = ["--max_examples=1536", "--num_clusters=4", "--pca_dim=8", "--batch_size=256",
-        f"--epochs={EPOCHS}"]
 NUM_EXAMPLES = 1536
+ARGS = [f"--max_examples={NUM_EXAMPLES}", "--num_clusters=4", "--pca_dim=8", "--batch_size=256",
+        f"--epochs={EPOCHS}"]
 STEPS = 6  # ceil(1536 / 256)
 
 # The N in NAME:N counts from the start of each process, and every re-run starts again at the
