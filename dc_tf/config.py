@@ -11,7 +11,7 @@ import json
 ARCHS = ("alexnet", "vgg16", "resnet50", "small_vgg")
 CLUSTERINGS = ("kmeans", "pic")
 # k-means: the paper's (exact, flat), or FAISS's two-level clustering refined by one exact step.
-KMEANS_MODES = ("exact", "two_level")
+KMEANS_MODES = ("exact", "two_level", "shortlist")
 # "default": one device; "mirrored": tf.distribute.MirroredStrategy over the local devices;
 # "multi_worker": MultiWorkerMirroredStrategy, the cluster read from TF_CONFIG.
 STRATEGIES = ("default", "mirrored", "multi_worker")

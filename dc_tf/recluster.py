@@ -41,7 +41,7 @@ class Clusterer:
       num_clusters: k (for PIC, the most clusters the top layer can hold).
       kmeans_iters: k-means iterations.
       seed: base seed; reclustering t uses seed + t, so every epoch has a fresh k-means init.
-      kmeans_mode: "exact" or "two_level" (`clustering.kmeans`).
+      kmeans_mode: "exact", "two_level" or "shortlist" (`clustering.kmeans`).
     """
 
     def __init__(self, method: str, num_clusters: int, kmeans_iters: int, seed: int,

@@ -28,7 +28,7 @@ from dc_tf.model import DeepClusterModel
     ("--mean=a", "--mean=a: give comma-separated numbers"),
     ("--momentum=1.5", "--momentum=1.5: must be in [0, 1)"),
     ("--reassign=0", "--reassign=0: must be a positive integer"),
-    ("--kmeans_mode=hnsw", "--kmeans_mode=hnsw: choose one of exact, two_level"),
+    ("--kmeans_mode=hnsw", "--kmeans_mode=hnsw: choose one of exact, two_level, shortlist"),
     ("--strategy=tpu", "--strategy=tpu: choose one of default, mirrored, multi_worker"),
 ])
 def test_flag_values_no_run_can_use(smoke_config, flag, message):

@@ -185,3 +185,20 @@ def test_kmeans_mode_two_level_reaches_faiss(smoke_config, monkeypatch):
     assert calls == [(3, 10)] * (cfg.epochs + 1)
     rows = [json.loads(line) for line in open(os.path.join(cfg.model_dir, "metrics.jsonl"))]
     assert len(rows) == cfg.epochs and all(np.isfinite(row["kmeans_loss"]) for row in rows)
+
+
+def test_kmeans_mode_shortlist_reaches_its_lloyd_iterations(smoke_config, monkeypatch):
+    import importlib
+    from dc_tf import train
+    kmeans_module = importlib.import_module("dc_tf.clustering.kmeans")  # not the function
+    calls = []
+
+    def spy(x, num_clusters, seed, niter, *args):  # the shortlist iterations, counted
+        calls.append((num_clusters, niter))
+        return shortlist(x, num_clusters, seed, niter, *args)
+    shortlist = kmeans_module._shortlist_kmeans
+    monkeypatch.setattr(kmeans_module, "_shortlist_kmeans", spy)
+    cfg = train.run(smoke_config("--kmeans_mode=shortlist"))
+    assert calls == [(10, cfg.kmeans_iters)] * (cfg.epochs + 1)
+    rows = [json.loads(line) for line in open(os.path.join(cfg.model_dir, "metrics.jsonl"))]
+    assert len(rows) == cfg.epochs and all(np.isfinite(row["kmeans_loss"]) for row in rows)
