@@ -111,12 +111,17 @@ def test_kmeans_recovers_blobs_and_matches_reference():
     assert result.loss == pytest.approx(optimum, rel=1e-4)
 
 
-def test_two_level_kmeans_is_close_to_exact_on_many_blobs():
-    # 64 separated blobs, k = 64: 8 FAISS cells of about 8 sub-clusters each, then one exact step.
+def _many_blobs():
+    """6,400 float32 points around 64 separated centres in 16-d, and their blob index."""
     rng = np.random.default_rng(4)
     centres = 6.0 * rng.standard_normal((64, 16))
     truth = rng.integers(0, 64, 6400)
-    x = (centres[truth] + rng.standard_normal((6400, 16))).astype(np.float32)
+    return (centres[truth] + rng.standard_normal((6400, 16))).astype(np.float32), truth
+
+
+def test_two_level_kmeans_is_close_to_exact_on_many_blobs():
+    # 64 separated blobs, k = 64: 8 FAISS cells of about 8 sub-clusters each, then one exact step.
+    x, truth = _many_blobs()
     exact = clustering.kmeans(x, 64, seed=7)
     fast = clustering.kmeans(x, 64, seed=7, mode="two_level")
     assert np.all(np.bincount(fast.labels, minlength=64) > 0)
@@ -152,10 +157,7 @@ def test_shortlist_kmeans_with_short_lists_is_close_to_exact(monkeypatch):
     # 64 separated blobs, k = 64, shortlists of 4: most assignments see 4 of the 64 centroids.
     kmeans_module = importlib.import_module("dc_tf.clustering.kmeans")  # not the function
     monkeypatch.setattr(kmeans_module, "SHORTLIST_SIZE", 4)
-    rng = np.random.default_rng(4)
-    centres = 6.0 * rng.standard_normal((64, 16))
-    truth = rng.integers(0, 64, 6400)
-    x = (centres[truth] + rng.standard_normal((6400, 16))).astype(np.float32)
+    x, truth = _many_blobs()
     exact = clustering.kmeans(x, 64, seed=7)
     fast = clustering.kmeans(x, 64, seed=7, mode="shortlist")
     assert np.all(np.bincount(fast.labels, minlength=64) > 0)
