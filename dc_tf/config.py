@@ -10,7 +10,8 @@ import json
 
 ARCHS = ("alexnet", "vgg16", "resnet50", "small_vgg")
 CLUSTERINGS = ("kmeans", "pic")
-# k-means: the paper's (exact, flat), or FAISS's two-level clustering refined by one exact step.
+# k-means: the paper's (exact, flat), FAISS's two-level clustering refined by one exact step, or
+# Lloyd iterations over each example's shortlist of nearest centroids (`clustering.kmeans`).
 KMEANS_MODES = ("exact", "two_level", "shortlist")
 # "default": one device; "mirrored": tf.distribute.MirroredStrategy over the local devices;
 # "multi_worker": MultiWorkerMirroredStrategy, the cluster read from TF_CONFIG.

@@ -1,6 +1,7 @@
 """End to end: a real fit() with the real ReclusterCallback, the model_dir layout, the export
 reloaded in a process that never imports dc_tf, and resuming a killed run."""
 
+import importlib
 import json
 import os
 import signal
@@ -169,36 +170,34 @@ def test_mixed_precision_can_be_switched_on_and_exports_float32(smoke_config):
     assert export.signatures["assign"](images=images)["embedding"].dtype == tf.float32
 
 
-def test_kmeans_mode_two_level_reaches_faiss(smoke_config, monkeypatch):
-    import importlib
+def _run_counting_calls(smoke_config, monkeypatch, mode, function, recorded):
+    """Trains the smoke run with --kmeans_mode=mode while counting calls to
+    dc_tf.clustering.kmeans.<function> (recorded(args) per call); checks that every epoch logged
+    a finite k-means loss and returns (cfg, calls)."""
     from dc_tf import train
     kmeans_module = importlib.import_module("dc_tf.clustering.kmeans")  # not the function
-    calls = []
+    calls, real = [], getattr(kmeans_module, function)
 
-    def spy(*args, **kwargs):  # FAISS's two-level clustering, counted
-        calls.append(args[1:3])
-        return two_level(*args, **kwargs)
-    two_level = kmeans_module.two_level_clustering
-    monkeypatch.setattr(kmeans_module, "two_level_clustering", spy)
-    cfg = train.run(smoke_config("--kmeans_mode=two_level"))
-    # k = 10 in smoke.cfg: about sqrt(10) = 3 cells; one call per reclustering and the final one.
-    assert calls == [(3, 10)] * (cfg.epochs + 1)
+    def spy(*args, **kwargs):
+        calls.append(recorded(args))
+        return real(*args, **kwargs)
+    monkeypatch.setattr(kmeans_module, function, spy)
+    cfg = train.run(smoke_config(f"--kmeans_mode={mode}"))
     rows = [json.loads(line) for line in open(os.path.join(cfg.model_dir, "metrics.jsonl"))]
     assert len(rows) == cfg.epochs and all(np.isfinite(row["kmeans_loss"]) for row in rows)
+    return cfg, calls
+
+
+def test_kmeans_mode_two_level_reaches_faiss(smoke_config, monkeypatch):
+    # FAISS's two-level clustering, with (number of cells, iterations).
+    cfg, calls = _run_counting_calls(smoke_config, monkeypatch, "two_level",
+                                     "two_level_clustering", lambda args: args[1:3])
+    # k = 10 in smoke.cfg: about sqrt(10) = 3 cells; one call per reclustering and the final one.
+    assert calls == [(3, 10)] * (cfg.epochs + 1)
 
 
 def test_kmeans_mode_shortlist_reaches_its_lloyd_iterations(smoke_config, monkeypatch):
-    import importlib
-    from dc_tf import train
-    kmeans_module = importlib.import_module("dc_tf.clustering.kmeans")  # not the function
-    calls = []
-
-    def spy(x, num_clusters, seed, niter, *args):  # the shortlist iterations, counted
-        calls.append((num_clusters, niter))
-        return shortlist(x, num_clusters, seed, niter, *args)
-    shortlist = kmeans_module._shortlist_kmeans
-    monkeypatch.setattr(kmeans_module, "_shortlist_kmeans", spy)
-    cfg = train.run(smoke_config("--kmeans_mode=shortlist"))
+    # The shortlist iterations, with (k, niter).
+    cfg, calls = _run_counting_calls(smoke_config, monkeypatch, "shortlist",
+                                     "_shortlist_kmeans", lambda args: (args[1], args[3]))
     assert calls == [(10, cfg.kmeans_iters)] * (cfg.epochs + 1)
-    rows = [json.loads(line) for line in open(os.path.join(cfg.model_dir, "metrics.jsonl"))]
-    assert len(rows) == cfg.epochs and all(np.isfinite(row["kmeans_loss"]) for row in rows)
