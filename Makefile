@@ -4,7 +4,7 @@ PIP ?= $(PYTHON) -m pip
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup train test contract bench
+.PHONY: setup train test bench
 
 $(FASHION_MNIST):
 	$(SUDO) apt-get update -qq
@@ -19,10 +19,6 @@ train: setup
 
 test: setup
 	$(PYTHON) -m pytest -q tests
-
-# The public contract of shared/DESIGN.md, when the shared/ folder sits beside the project.
-contract: setup
-	../shared/checks/contract
 
 bench: setup
 	$(PYTHON) bench/train_overhead.py

@@ -37,8 +37,10 @@ def input_rate(cfg, batches: int) -> float:
     source = data.open_source(cfg.dataset, cfg.data_dir, cfg.max_examples)
     labels = tf.Variable(np.arange(source.num_examples, dtype=np.int32) % cfg.num_clusters)
     accept = tf.Variable(np.ones(cfg.num_clusters, np.float32))
-    ds = pipelines.training_dataset(source, labels, accept, cfg.image_size, cfg.crop_scale,
-                                    cfg.crop_ratio, cfg.batch_size, seed=cfg.seed)
+    epoch = tf.Variable(0, dtype=tf.int64)
+    ds = pipelines.training_dataset(source, labels, accept, epoch, cfg.image_size,
+                                    cfg.crop_scale, cfg.crop_ratio, cfg.batch_size,
+                                    steps=batches + 10, seed=cfg.seed)
     it = iter(ds)
     for _ in range(10):
         next(it)

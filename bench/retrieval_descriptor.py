@@ -1,4 +1,4 @@
-r"""Seconds per 1024-px image for the R-MAC descriptor of VGG16 conv5_3 (PROTOCOLS.md §6).
+r"""Seconds per 1024-px image for the R-MAC descriptor of VGG16 conv5_3 (docs/protocols.md §6).
 
 Builds a random-init VGG16 (Sobel, ImageNet statistics), exports it as dc_tf.train would (about
 0.5 GB, most of it fc6, in a temporary folder deleted afterwards), then times

@@ -18,7 +18,7 @@ import numpy as np
 import tensorflow as tf
 
 from dc_tf.clustering import acceptance_probabilities
-from dc_tf.data.sampler import accepted_pairs
+from dc_tf.data.sampler import accepted_pairs, stream_key
 from dc_tf.data.sources import ArraySource
 
 
@@ -43,7 +43,8 @@ def main():
     accept = acceptance_probabilities(labels, k).astype(np.float32)
     # Indices only: the benchmark never decodes, so the source holds no images.
     source = ArraySource("bench", n, 1, None, images=np.zeros((1, 1, 1, 1), np.uint8))
-    pairs = accepted_pairs(source, tf.Variable(labels), tf.Variable(accept), seed=0)
+    pairs = accepted_pairs(source, tf.Variable(labels), tf.Variable(accept),
+                         stream_key(0, epoch=0))
     # The sampler's own output, batched straight away: any per-element work downstream (the
     # training pipeline's decode map) belongs to the input pipeline (bench/input_pipeline.py).
     batch = 65536

@@ -44,10 +44,11 @@ def plain_fit(cfg, epochs: int) -> float:
                   jit_compile=cfg.jit_compile)
     labels = np.random.default_rng(0).integers(0, cfg.num_clusters, source.num_examples)
     n = source.num_examples
-    ds = tf.data.Dataset.range(n).shuffle(n).repeat().map(
-        lambda i: (transforms.random_resized_crop(source.decode(i, i), cfg.image_size,
-                                                  cfg.crop_scale, cfg.crop_ratio),
-                   tf.gather(labels, i)), num_parallel_calls=tf.data.AUTOTUNE)
+    ds = tf.data.Dataset.range(n).shuffle(n).repeat().enumerate().map(
+        lambda position, i: (transforms.random_resized_crop(
+            source.decode(i, i), cfg.image_size, cfg.crop_scale, cfg.crop_ratio,
+            seed=tf.stack([tf.constant(cfg.seed, tf.int64), position])), tf.gather(labels, i)),
+        num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.batch(cfg.batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
     steps = -(-n // cfg.batch_size)
     times = []

@@ -11,8 +11,8 @@ from dc_tf import failpoints
 
 
 class RunCheckpoint:
-    """The model (backbone, top layer, pseudo-labels, sampler state), both optimizers and the
-    number of completed epochs, under `directory` via tf.train.CheckpointManager.
+    """The model (backbone, top layer, pseudo-labels, sampler state, random generators), both
+    optimizers and the number of completed epochs, under `directory` via tf.train.CheckpointManager.
 
     The manager writes the checkpoint files first and the `checkpoint` index last, so a run
     killed while saving resumes from the previous complete checkpoint.
@@ -29,9 +29,13 @@ class RunCheckpoint:
                  restore_from: str = ""):
         self._restore_from = restore_from
         self.epochs_done = tf.Variable(0, dtype=tf.int64, trainable=False)
+        # Keras's SeedGenerator states (dropout masks, the top layer's re-initialisations) are
+        # model variables that tf.train.Checkpoint does not reach through the model: saved too,
+        # so that a resumed run draws what an uninterrupted one would.
+        seed_states = [v for v in model.variables if v.name == "seed_generator_state"]
         self._ckpt = tf.train.Checkpoint(model=model, backbone_optimizer=model.optimizer,
                                          head_optimizer=model.head_optimizer,
-                                         epochs_done=self.epochs_done)
+                                         seed_states=seed_states, epochs_done=self.epochs_done)
         self._manager = tf.train.CheckpointManager(self._ckpt, directory, max_to_keep=max_to_keep)
 
     def restore(self) -> int:

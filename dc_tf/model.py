@@ -13,10 +13,11 @@ class DeepClusterModel(keras.Model):
       pseudo_labels: int32 [N], the cluster of every example (-1 = excluded); train_step reads
         the labels of a batch by example index.
       accept: float32 [k], the balanced sampler's per-cluster acceptance probability.
+      epoch: int64, the epoch being trained; the training pipeline keys its draws by it.
     The backbone is trained by SGD with momentum, whose state persists across epochs; the top
     layer by its own momentum-free SGD, re-initialised with the top layer at every reclustering
-    (PROTOCOLS.md §2). Weight decay is the coupled L2 of PyTorch's SGD: `wd * w` is added to every
-    trained variable's gradient, BN parameters and biases included.
+    (docs/protocols.md §2). Weight decay is the coupled L2 of PyTorch's SGD: `wd * w` is added to
+    every trained variable's gradient, BN parameters and biases included.
 
     Args:
       backbone: Keras model mapping float32 images to a dict of endpoints.
@@ -44,6 +45,8 @@ class DeepClusterModel(keras.Model):
                                              name="pseudo_labels")
         self.accept = self.add_weight(shape=(num_clusters,), dtype="float32", initializer="ones",
                                       trainable=False, name="accept")
+        self.epoch = self.add_weight(shape=(), dtype="int64", initializer="zeros",
+                                     trainable=False, name="epoch")
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.accuracy_tracker = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
         self.head_optimizer = None

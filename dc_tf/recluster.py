@@ -135,6 +135,7 @@ class FixedLabelsCallback(keras.callbacks.Callback):
                                                                      self.num_classes))
 
     def on_epoch_begin(self, epoch, logs=None):
+        self.model.epoch.assign(epoch)
         save_array(assignment_path(self.model_dir, epoch), self.labels)
 
 
@@ -187,6 +188,7 @@ class ReclusterCallback(keras.callbacks.Callback):
             recluster = bool(distribute.from_chief(self.strategy, int(recluster)))
         if recluster:
             self._recluster(epoch)
+        self.model.epoch.assign(epoch)  # the sampler's stream of this epoch
         assignment = self.model.pseudo_labels.numpy()
         save_array(assignment_path(self.model_dir, epoch), assignment)
         failpoints.reach("assignment.saved")

@@ -158,9 +158,12 @@ def _train(cfg: config.TrainConfig, source: data.Source, backbone: keras.Model,
     # ---------------------------------------------------------------- pipelines and callbacks
     steps_per_epoch = math.ceil(cfg.reassign * cfg.num_examples / cfg.batch_size)
     def training_data(batch_size: int, shard: tuple = (1, 0)) -> tf.data.Dataset:
+        # One pipeline feeds batch_size-image batches to each of its replicas: an epoch takes
+        # its share of steps_per_epoch * cfg.batch_size images from it.
+        batches = steps_per_epoch * cfg.batch_size // (batch_size * shard[0])
         return pipelines.training_dataset(
-            source, model.pseudo_labels, model.accept, cfg.image_size, cfg.crop_scale,
-            cfg.crop_ratio, batch_size, seed=cfg.seed + initial_epoch, shard=shard)
+            source, model.pseudo_labels, model.accept, model.epoch, cfg.image_size,
+            cfg.crop_scale, cfg.crop_ratio, batch_size, batches, cfg.seed, shard=shard)
     train_data = (distribute.per_worker_datasets(strategy, training_data, cfg.batch_size)
                   if distributed else training_data(cfg.batch_size))
 
@@ -197,9 +200,10 @@ def _train(cfg: config.TrainConfig, source: data.Source, backbone: keras.Model,
     if initial_epoch < cfg.epochs:
         logging.info("training epochs %d..%d, %d steps of %d images each", initial_epoch,
                      cfg.epochs - 1, steps_per_epoch, cfg.batch_size)
+        # No steps_per_epoch: with it, Keras would keep one iterator across epochs, and batches
+        # drawn before a reclustering would be trained on after it (training_dataset).
         model.fit(train_data, epochs=cfg.epochs, initial_epoch=initial_epoch,
-                  steps_per_epoch=steps_per_epoch, callbacks=callbacks, shuffle=False,
-                  verbose=2)
+                  callbacks=callbacks, shuffle=False, verbose=2)
     if saver.diverged_at is not None:
         raise NonFiniteLossError(
             f"the loss became non-finite in epoch {saver.diverged_at}; the checkpoint of the last "

@@ -8,7 +8,7 @@ r"""What a trained network and its clusters learned, as pictures.
 --model is the --model_dir of a dc_tf.train run; the network is rebuilt from its config.json
 with the weights of its latest checkpoint.
 
-  filters     gradient ascent (PROTOCOLS.md §7) for channels of --layer: one PNG grid.
+  filters     gradient ascent (docs/protocols.md §7) for channels of --layer: one PNG grid.
   top_images  for channels of --layer, the --top_k images of --dataset (default: the run's)
               with the highest mean activation: one 3x3 montage per channel, and a JSON list.
   clusters    random clusters of the assignment of --epoch (a number or final), up to 8 images
@@ -38,7 +38,7 @@ _HELP = {
              "feature).",
     "channels": "Channels of --layer (default: --num_channels spread evenly).",
     "num_channels": "How many channels when --channels is not given.",
-    "steps": "Gradient-ascent steps (PROTOCOLS.md §7: 1000).",
+    "steps": "Gradient-ascent steps (docs/protocols.md §7: 1000).",
     "learning_rate": "Gradient-ascent step length (0: §7's 3, and 30 for conv5).",
     "seed": "Seed of the initial noise (filters) and of the sample (projector).",
     "top_k": "Top-activating images per channel (§7: 9).",

@@ -8,7 +8,7 @@ evaluator writes them. Difficult objects get class -2, which KerasHub's label en
 "ignore": anchors that match them are neither positives nor background (Fast R-CNN dropped them
 from training; detectron2 trains on them).
 
-Sizes (PROTOCOLS.md §5, detectron2's VOC settings): a batch takes one shorter side s (training:
+Sizes (docs/protocols.md §5, detectron2's VOC settings): a batch takes one shorter side s (training:
 drawn from --train_sizes per batch; test: --test_size); each image is resized so that its
 shorter side is s unless its longer side would pass L = min(max_size, 1.5·s), then placed
 top-left on a zero canvas of ceil32(s) x ceil32(L) (transposed for portrait images; 1.5 covers

@@ -1,8 +1,9 @@
 """Reading a dc_tf export for evaluation: pooled, flattened endpoint features of whole datasets.
 
 `ExportedBackbone` wraps the SavedModel alone (no dc_tf model code); `pool_spec` chooses the
-average pool that brings a conv endpoint to about 9k values (PROTOCOLS.md §3); `extract_features`
-sends a dataset through it once, keeping features in memory or in np.memmap files.
+average pool that brings a conv endpoint to about 9k values (docs/protocols.md §3);
+`extract_features` sends a dataset through it once, keeping features in memory or in
+np.memmap files.
 """
 
 import dataclasses

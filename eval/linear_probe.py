@@ -10,7 +10,7 @@ r"""Linear probes per layer, a kNN probe and clustering quality of exported netw
 
 Each --model is read only through its SavedModel and stays frozen. Each probed endpoint (default:
 every conv*) is average-pooled to about 9k values (`pool_spec`) and flattened; a linear layer is
-trained on it as PROTOCOLS.md §3 (deepcluster's eval_linear.py) says: SGD momentum 0.9, coupled
+trained on it as docs/protocols.md §3 (deepcluster's eval_linear.py) says: SGD momentum 0.9, coupled
 weight decay, lr_t = lr0 / sqrt(1 + lr0·wd·t), batch 256. Test top-1/top-5 are measured after
 every epoch; the JSON has the last epoch and the best one (the paper's figures are the best).
 
@@ -29,7 +29,9 @@ Also measured on L2-normalised centre-crop features (conv endpoints pooled as ab
 cosine-weighted kNN classifier (k=20, T=0.07) from the training to the test split on
 --knn_layer, and FAISS k-means with k = the number of classes on the test split's
 --cluster_layer, scored by NMI, ARI and Hungarian accuracy. Writes --output (JSON, rewritten
-after each model) and TensorBoard scalars under --logdir (default: OUTPUT_logs beside the JSON,
+after each model; each model's "per_image" holds, for every test image in order, its label, its
+k-means cluster and whether each figure got it right, from which pipelines.report draws bootstrap
+intervals) and TensorBoard scalars under --logdir (default: OUTPUT_logs beside the JSON,
 a sub-folder per model), and prints a markdown table.
 """
 
@@ -101,7 +103,7 @@ _HELP = {
     "cluster_layer": "Endpoint clustered by k-means (default: --knn_layer).",
     "epochs": "Probe epochs (ImageNet protocol: 90).",
     "learning_rate": "Initial probe learning rate lr0.",
-    "weight_decay": "Coupled L2 coefficient (PROTOCOLS.md §3: 1e-7).",
+    "weight_decay": "Coupled L2 coefficient (docs/protocols.md §3: 1e-7).",
     "momentum": "SGD momentum of the probes.",
     "batch_size": "Probe batch size; also images per feature batch.",
     "augment": "Train on augmented views through the backbone every epoch (no feature cache).",
@@ -194,10 +196,13 @@ def train_probes(batches, dims: dict, num_examples: int, num_classes: int, test:
         batches: epoch -> iterable of ({layer: float32 [B, dim]}, int64 [B] labels).
         dims: layer -> feature length.
     Returns:
-        layer -> [{"epoch", "loss", "top1", "top5"}, ...] one entry per epoch.
+        (layer -> [{"epoch", "loss", "top1", "top5"}, ...] one entry per epoch,
+         layer -> {"top1_last", "top5_last", "top1_best", "top5_best"}: bool [M] hits of every
+         test example at the last and at the best (first highest top-1) epoch).
     """
     probes = {layer: LinearProbe(dim, num_classes, cfg) for layer, dim in dims.items()}
     histories = {layer: [] for layer in dims}
+    hits = {layer: {} for layer in dims}
     for epoch in range(1, cfg.epochs + 1):
         losses, progress = {layer: [] for layer in dims}, Progress(f"epoch {epoch}", num_examples)
         for flat, labels in batches(epoch):
@@ -210,14 +215,18 @@ def train_probes(batches, dims: dict, num_examples: int, num_classes: int, test:
                 raise ConfigError(f"the {layer} probe's loss became {loss} in epoch {epoch}; "
                                   f"lower --learning_rate (now {cfg.learning_rate})")
             probs = probe.probabilities(test.arrays[layer], test.views, cfg.batch_size)
-            top1, top5 = (metrics.top_k_accuracy(probs, test.labels, k) for k in (1, 5))
+            hit1, hit5 = (metrics.top_k_hits(probs, test.labels, k) for k in (1, 5))
+            top1, top5 = float(hit1.mean()), float(hit5.mean())
+            if not histories[layer] or top1 > max(h["top1"] for h in histories[layer]):
+                hits[layer].update(top1_best=hit1, top5_best=hit5)
+            hits[layer].update(top1_last=hit1, top5_last=hit5)
             histories[layer].append({"epoch": epoch, "loss": loss, "top1": top1, "top5": top5})
             with writer.as_default():
                 for key in ("loss", "top1", "top5"):
                     tf.summary.scalar(f"probe/{layer}/{key}", histories[layer][-1][key], step=epoch)
             logging.info("%s epoch %d/%d: loss %.4f, top-1 %.2f%%, top-5 %.2f%%", layer, epoch,
                          cfg.epochs, loss, 100 * top1, 100 * top5)
-    return histories
+    return histories, hits
 
 
 # ------------------------------------------------------------------------------ kNN and k-means
@@ -237,12 +246,28 @@ def knn_scores(train_x: np.ndarray, train_labels: np.ndarray, test_x: np.ndarray
                                     temperature)
 
 
-def clustering_quality(x: np.ndarray, labels: np.ndarray, num_classes: int, seed: int) -> dict:
-    """NMI, ARI and ACC of FAISS k-means (k = num_classes) on L2-normalised float [n, d] rows."""
+def clustering_quality(x: np.ndarray, labels: np.ndarray, num_classes: int,
+                       seed: int) -> tuple:
+    """NMI, ARI and ACC of FAISS k-means (k = num_classes) on L2-normalised float [n, d] rows,
+    and the int [n] clusters they score."""
     assignment = kmeans(l2_normalize(x), num_classes, seed=seed).labels
     return {"nmi": metrics.nmi(labels, assignment),
             "ari": metrics.adjusted_rand_index(labels, assignment),
-            "acc": metrics.clustering_accuracy(labels, assignment)}
+            "acc": metrics.clustering_accuracy(labels, assignment)}, assignment
+
+
+def per_image_record(labels: np.ndarray, cluster: np.ndarray, hits: dict) -> dict:
+    """The per-image results of one model for JSON: each a string of space-separated integers,
+    one per test image in test order (compact, and one line even in indented JSON).
+
+    Args:
+      labels: int [M] test labels; cluster: int [M] k-means cluster of each test image.
+      hits: figure name (knn_top1, top1_best:conv1, ...) -> bool [M], 1 where the figure counted
+        the image as right.
+    """
+    arrays = {"labels": labels, "cluster": cluster, **hits}
+    return {name: " ".join(map(str, np.asarray(a, np.int64).tolist()))
+            for name, a in arrays.items()}
 
 
 # ------------------------------------------------------------------------------ a model, the run
@@ -304,18 +329,20 @@ def evaluate_model(backbone: ExportedBackbone, name: str, train_source, test_sou
                     order=rng.permutation(train_source.num_examples) if random_access else None):
                 yield backbone.features(images, layers), labels
 
-        histories = train_probes(augmented if cfg.augment else cached,
+        histories, probe_hits = train_probes(augmented if cfg.augment else cached,
                                  {layer: backbone.dim(layer) for layer in layers},
                                  train_source.num_examples, num_classes, test, cfg, writer)
         lap("probes_s")
         votes = knn_scores(train.centre(knn_layer), train.labels, test.centre(knn_layer),
                            cfg.knn_k, cfg.knn_temperature, num_classes)
+        knn_hits = {f"knn_top{k}": metrics.top_k_hits(votes, test.labels, k) for k in (1, 5)}
         knn = {"layer": knn_layer, "k": cfg.knn_k, "temperature": cfg.knn_temperature,
-               **{f"top{k}": metrics.top_k_accuracy(votes, test.labels, k) for k in (1, 5)}}
+               **{f"top{k}": float(knn_hits[f"knn_top{k}"].mean()) for k in (1, 5)}}
         lap("knn_s")
+        quality, assignment = clustering_quality(test.centre(cluster_layer), test.labels,
+                                                 num_classes, cfg.seed)
         clusters = {"layer": cluster_layer, "split": "test", "num_clusters": num_classes,
-                    **clustering_quality(test.centre(cluster_layer), test.labels, num_classes,
-                                         cfg.seed)}
+                    **quality}
         lap("clustering_s")
     with writer.as_default():
         for key in ("top1", "top5"):
@@ -342,6 +369,9 @@ def evaluate_model(backbone: ExportedBackbone, name: str, train_source, test_sou
             "skipped_images": {"train": train.skipped, "test": test.skipped},
             "num_classes": num_classes, "image_size": backbone.image_size,
             "resize_size": resize_size, "probes": probes, "knn": knn, "clustering": clusters,
+            "per_image": per_image_record(test.labels, assignment, {
+                **knn_hits, **{f"{kind}:{layer}": hit for layer, kinds in probe_hits.items()
+                               for kind, hit in kinds.items()}}),
             "cache": {"memory_bytes": store.memory_bytes, "disk_bytes": store.disk_bytes},
             "timings": timings}
 

@@ -1,33 +1,37 @@
 """Scores shared by the evaluations: numpy arrays in, Python floats or numpy arrays out.
 
 Sections:
-  Classification   top-k accuracy of class scores.
+  Classification   top-k hits and accuracy of class scores.
   VOC AP           per-class average precision of multi-label scores, difficult excluded; mAP.
   VOC detection    per-class AP@0.5 of boxes (11-point VOC07 or area), difficult ignored; mAP.
   kNN              the cosine-weighted vote of a k-nearest-neighbour classifier.
   Clustering       NMI, ARI and clustering accuracy (Hungarian matching) against labels.
   Retrieval        Oxford/Paris AP (classic, revisited Easy/Medium/Hard) and mP@k.
+  Bootstrap        confidence intervals of any of these over the test examples.
 
 No TensorFlow and no FAISS here: the programs search and extract, these functions score.
 """
 
+from typing import Callable
+
 import numpy as np
 import scipy.optimize
+import scipy.stats
 import sklearn.metrics
 
 from dc_tf.clustering.stats import nmi
 
-__all__ = ["adjusted_rand_index", "clustering_accuracy", "knn_class_scores", "nmi",
-           "top_k_accuracy", "voc_average_precision", "voc_mean_average_precision",
-           "voc_box_iou", "voc_detection_average_precision", "voc_detection_map",
-           "classic_retrieval_map", "retrieval_average_precision", "retrieval_map",
-           "revisited_retrieval_map"]
+__all__ = ["adjusted_rand_index", "bootstrap_interval", "clustering_accuracy",
+           "half_sample_interval", "knn_class_scores", "nmi", "top_k_accuracy", "top_k_hits",
+           "voc_average_precision", "voc_mean_average_precision", "voc_box_iou",
+           "voc_detection_average_precision", "voc_detection_map", "classic_retrieval_map",
+           "retrieval_average_precision", "retrieval_map", "revisited_retrieval_map"]
 
 
 # ------------------------------------------------------------------------------ classification
 
-def top_k_accuracy(scores: np.ndarray, labels: np.ndarray, k: int) -> float:
-    """Fraction of examples whose label is among their k highest-scoring classes.
+def top_k_hits(scores: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    """Whether each example's label is among its k highest-scoring classes.
 
     Ties are broken towards the lower class index (a stable sort of the negated scores), so the
     result is deterministic.
@@ -38,7 +42,7 @@ def top_k_accuracy(scores: np.ndarray, labels: np.ndarray, k: int) -> float:
         k: 1 <= k; k >= C counts every example as correct.
 
     Returns:
-        Accuracy in [0, 1].
+        bool [N].
     """
     scores = np.asarray(scores)
     labels = np.asarray(labels)
@@ -51,7 +55,16 @@ def top_k_accuracy(scores: np.ndarray, labels: np.ndarray, k: int) -> float:
         raise ValueError(f"labels must lie in [0, {scores.shape[1]}), got "
                          f"[{labels.min()}, {labels.max()}]")
     top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    return float(np.mean(np.any(top == labels[:, None], axis=1)))
+    return np.any(top == labels[:, None], axis=1)
+
+
+def top_k_accuracy(scores: np.ndarray, labels: np.ndarray, k: int) -> float:
+    """Fraction of examples whose label is among their k highest-scoring classes (`top_k_hits`).
+
+    Returns:
+        Accuracy in [0, 1].
+    """
+    return float(np.mean(top_k_hits(scores, labels, k)))
 
 
 # ------------------------------------------------------------------------------ VOC AP
@@ -111,7 +124,7 @@ def voc_mean_average_precision(scores: np.ndarray, labels: np.ndarray) -> tuple:
 
 
 # ------------------------------------------------------------------------------ VOC detection
-# PROTOCOLS.md §5, as the VOCdevkit's VOCevaldet.m scores detections. Boxes are VOC's inclusive
+# docs/protocols.md §5, as the VOCdevkit's VOCevaldet.m scores detections. Boxes are VOC's inclusive
 # pixels [xmin, ymin, xmax, ymax]: a box covers (xmax - xmin + 1) x (ymax - ymin + 1) pixels.
 
 def voc_box_iou(boxes: np.ndarray, gt_boxes: np.ndarray) -> np.ndarray:
@@ -260,7 +273,7 @@ def knn_class_scores(similarities: np.ndarray, neighbor_labels: np.ndarray, num_
 
 
 # ------------------------------------------------------------------------------ retrieval
-# The Oxford/Paris evaluation (PROTOCOLS.md §6), as the revisited benchmark's compute_map
+# The Oxford/Paris evaluation (docs/protocols.md §6), as the revisited benchmark's compute_map
 # (cirtorch utils/evaluate.py): a ranking lists database indices, best first; positives are
 # scored, ignored images (junk; for Easy also hard, for Hard also easy) are removed from it.
 
@@ -413,3 +426,71 @@ def clustering_accuracy(labels_true: np.ndarray, labels_pred: np.ndarray) -> flo
     np.add.at(table, (labels_pred, labels_true), 1)
     rows, cols = scipy.optimize.linear_sum_assignment(table, maximize=True)
     return float(table[rows, cols].sum() / labels_true.size)
+
+
+# ------------------------------------------------------------------------------ bootstrap
+
+def _check_samples(samples: tuple) -> tuple:
+    lengths = {len(a) for a in samples}
+    if len(lengths) != 1 or 0 in lengths:
+        raise ValueError(f"samples must be non-empty and of one length; got lengths "
+                         f"{sorted(len(a) for a in samples)}")
+    return tuple(np.asarray(a) for a in samples)
+
+
+def bootstrap_interval(statistic: Callable[..., float], samples: tuple, seed: int,
+                       resamples: int = 1000, level: float = 0.95) -> tuple:
+    """Percentile bootstrap interval of a mean-like `statistic(*samples)` over the examples.
+
+    The test examples are what a probe's figure depends on by chance: resampling them with
+    replacement (the same draw for every array, so paired figures stay paired, e.g. two models'
+    hits on the same images) and recomputing the statistic gives its spread; the interval holds
+    the central `level` of the resampled values (scipy.stats.bootstrap). For accuracies (means of
+    per-image hits) and their differences. Not for NMI or ARI: a duplicated image adds agreement,
+    so their resampled values sit above the figure (`half_sample_interval`).
+
+    Args:
+        statistic: arrays [n] (one per sample, resampled together) -> float.
+        samples: equal-length arrays, one row per test example.
+        seed: the resampling seed.
+        resamples: bootstrap resamples.
+        level: coverage of the interval.
+    Returns:
+        (low, high) floats.
+    """
+    result = scipy.stats.bootstrap(_check_samples(samples), statistic, n_resamples=resamples,
+                                   vectorized=False, paired=True, confidence_level=level,
+                                   method="percentile", rng=np.random.default_rng(seed))
+    low, high = result.confidence_interval
+    return float(low), float(high)
+
+
+def half_sample_interval(statistic: Callable[..., float], samples: tuple, seed: int,
+                         resamples: int = 200, level: float = 0.95) -> tuple:
+    """Normal interval of `statistic(*samples)` whose spread comes from random halves.
+
+    Half-sampling (McCarthy 1969): for a mean, a half drawn without replacement from n examples
+    has variance s^2/(n/2) * (1 - 1/2) = s^2/n around the full sample's mean, that of the full
+    mean itself; the same holds to first order for smooth statistics. Halves hold no duplicated
+    example, so NMI, ARI and clustering accuracy are not inflated as in a bootstrap. The interval
+    is value +- z * (standard deviation of the half-sample values), centred on the figure.
+
+    Args:
+        statistic: arrays [n] (one per sample, subsampled together) -> float.
+        samples: equal-length arrays, one row per test example (n >= 4).
+        seed: the subsampling seed.
+        resamples: random halves.
+        level: coverage of the interval.
+    Returns:
+        (low, high) floats.
+    """
+    samples = _check_samples(samples)
+    n = len(samples[0])
+    if n < 4:
+        raise ValueError(f"half-sampling needs at least 4 examples, got {n}")
+    rng = np.random.default_rng(seed)
+    halves = [statistic(*(a[idx] for a in samples))
+              for idx in (rng.permutation(n)[:n // 2] for _ in range(resamples))]
+    value = float(statistic(*samples))
+    spread = scipy.stats.norm.ppf(0.5 + level / 2) * float(np.std(halves, ddof=1))
+    return value - spread, value + spread

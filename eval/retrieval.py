@@ -12,7 +12,7 @@ Reads the network only through its SavedModel's `conv_features` signature (eval.
 one folder per dataset under --data_dir: revisited, DATASET/gnd_DATASET.pkl and
 DATASET/jpg/NAME.jpg; classic, DATASET/jpg/**/NAME.jpg with the original NAME_{good,ok,junk,
 query}.txt in DATASET/gt, DATASET/lab or DATASET (or cirtorch's gnd_DATASET.pkl with ok/junk).
-Descriptors (PROTOCOLS.md §6): --pooling (R-MAC, 3 levels) over --layer (default: the last conv
+Descriptors (docs/protocols.md §6): --pooling (R-MAC, 3 levels) over --layer (default: the last conv
 endpoint, conv5 = conv5_3 after ReLU for VGG16) of images whose longer side is --max_size times
 each of --scales. Revisited queries: the original cropped by its box, then resized by the whole
 image's factor (cirtorch's crop, on the 1024-px originals); classic ones: the scaled box cut out

@@ -1,6 +1,6 @@
 """Retrieval descriptors of a dc_tf export: R-MAC, MAC and GeM over a conv endpoint (§6).
 
-PROTOCOLS.md §6, after Tolias et al. (ICLR 2016) and deepcluster's eval_retrieval.py: the
+docs/protocols.md §6, after Tolias et al. (ICLR 2016) and deepcluster's eval_retrieval.py: the
 feature map of an image (VGG16 conv5_3 after ReLU, no final pool) is max-pooled over square
 regions on 3 levels (`rmac_regions`); each regional vector is L2-normalised, PCA-whitened (the
 whitening learned on the regional vectors of *another* dataset), L2-normalised again, summed over

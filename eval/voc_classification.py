@@ -7,7 +7,7 @@ r"""PASCAL VOC 2007 classification of an exported network: fine-tuning (fc6-8, a
     python -m eval.voc_classification --model=runs/alexnet/export --voc=/data/VOCdevkit \
         --mode=svm --layer=fc7 --output=runs/alexnet/voc_svm.json    # or --mode=lowshot
 
-Train on --train_split (trainval), test on --test_split (test) as PROTOCOLS.md §4 and
+Train on --train_split (trainval), test on --test_split (test) as docs/protocols.md §4 and
 deepcluster's eval_voc_classif.py do, reading the export through its SavedModel alone.
 
 fc6_8 / all: a new head fc6 -> fc7 -> fc8 (ReLU between; Dense N(0, 0.01), bias 0.1; dropout 0.5
@@ -52,7 +52,7 @@ from eval.features import ExportedBackbone
 from eval.voc_svm import ap_dict, image_batches, per_image
 
 MODES = ("fc6_8", "all", "svm", "lowshot")
-# Protocol defaults (PROTOCOLS.md §4; deepcluster's README): mode -> (lr, lr step, iterations).
+# Protocol defaults (docs/protocols.md §4; deepcluster's README): mode -> (lr, lr step, iterations).
 FINE_TUNING = {"fc6_8": (0.003, 5000, 80000), "all": (0.001, 20000, 150000)}
 
 
@@ -152,9 +152,15 @@ def validate(cfg: VOCConfig) -> VOCConfig:
 # ------------------------------------------------------------------------------ images
 
 def random_crops(size: int, cfg: VOCConfig, count: int):
-    """View: `count` random square crops of min..max_scale of the area, resized, flipped."""
-    return lambda image: tf.stack([transforms.random_resized_crop(
-        image, size, (cfg.min_scale, cfg.max_scale), (1.0, 1.0)) for _ in range(count)])
+    """View: `count` random square crops of min..max_scale of the area, resized, flipped.
+
+    Each crop's stateless seed is drawn from TensorFlow's global generator (seeded by --seed).
+    """
+    def crop(image):
+        seed = tf.random.uniform([2], maxval=2**31 - 1, dtype=tf.int32)
+        return transforms.random_resized_crop(image, size, (cfg.min_scale, cfg.max_scale),
+                                              (1.0, 1.0), seed)
+    return lambda image: tf.stack([crop(image) for _ in range(count)])
 
 
 def ten_crops(size: int):

@@ -23,7 +23,7 @@ Modes: `frozen` trains only the FPN and the heads, the backbone as exported (the
 and BN gamma/beta (BN statistics fixed, as in detectron2's frozen BN). Images are the export's
 own channels (grey exports see grey VOC).
 
-Schedule (PROTOCOLS.md §5): SGD momentum 0.9, batch 16, 24k iterations, lr x0.1 at 18k and 22k,
+Schedule (docs/protocols.md §5): SGD momentum 0.9, batch 16, 24k iterations, lr x0.1 at 18k and 22k,
 linear warm-up over the first 1000 from lr/1000 (detectron2), coupled weight decay 1e-4 on all
 trained weights, gradients clipped to global norm 35 (mmdetection's RetinaNet), shorter side
 drawn from 480, 512, ..., 800 per batch (longer side <= 1333), horizontal flip with p 0.5;

@@ -3,8 +3,8 @@ r"""PASCAL VOC 2007 SVM and low-shot SVM classification on an export's frozen fe
     python -m eval.voc_classification --model=runs/alexnet/export --voc=/data/VOCdevkit \
         --mode=svm --layer=fc7 --output=runs/alexnet/voc_svm.json    # or --mode=lowshot
 
-The benchmark suites' protocol (PROTOCOLS.md §4), run by eval/voc_classification.py's --mode=svm
-and --mode=lowshot (this module has no command line of its own):
+The benchmark suites' protocol (docs/protocols.md §4), run by eval/voc_classification.py's
+--mode=svm and --mode=lowshot (this module has no command line of its own):
 
 Features: the centre crop of each image (shorter side resized to the export's default resize
 size, then an S x S crop) through --layer (default fc7, else pool; a conv endpoint average-pooled

@@ -78,7 +78,7 @@ def imagenet_alexnet(data_dir: str = "") -> Pipeline:
     """The paper's run: AlexNet-BN + Sobel on ImageNet, Table 1 probes on ImageNet and Places."""
     flags = (f"--data_dir={data_dir}",) if data_dir else ()
     models = _models("flags/alexnet.cfg", flags)
-    # PROTOCOLS.md §3: 90 epochs, resize 256 + random crop and flip, ten crops at test time.
+    # docs/protocols.md §3: 90 epochs, resize 256 + random crop and flip, ten crops at test time.
     protocol = dict(epochs=90, augment=True, ten_crop=True)
     probes = [
         LinearProbe("LinearProbeImageNet", _exports(models), "tfds:imagenet2012:train",

@@ -3,7 +3,12 @@
 `write_report` writes report.md and report.html (the same content) and the PNG plots they link
 into one folder. Blessing follows TFX's Evaluator: each `Threshold` is a rule kept as data, e.g.
 Threshold("DeepCluster", "knn_top1", baseline="Random", margin=0.01) for "DeepCluster kNN top-1
->= Random + 1 point", and the report states pass or fail for each.
+>= Random + 1 point". A rule passes only when noise cannot flip it: each figure gets a 95 %
+interval over the test images (a paired bootstrap of per-image hits for accuracies; random
+halves for NMI, ARI and clustering accuracy, which a bootstrap inflates), a difference of two
+models is resampled on the same images, and the rule passes when its whole interval clears the
+target, fails when the whole interval falls short, and is "not distinguishable" otherwise, which
+does not bless.
 """
 
 import dataclasses
@@ -22,6 +27,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from dc_tf.config import ConfigError  # noqa: E402
+from eval import metrics  # noqa: E402
 from eval.linear_probe import markdown_table  # noqa: E402
 
 # Metric name -> where it sits in a model's record of eval.linear_probe's JSON.
@@ -29,6 +35,13 @@ _MODEL_METRICS = {"knn_top1": ("knn", "top1"), "knn_top5": ("knn", "top5"),
                   "nmi": ("clustering", "nmi"), "ari": ("clustering", "ari"),
                   "acc": ("clustering", "acc")}
 _LAYER_METRICS = ("top1_best", "top1_last", "top5_best", "top5_last")  # as "top1_best:conv3"
+# The clustering figures, recomputed from (labels, cluster) of the resampled test images.
+_CLUSTER_SCORES = {"nmi": metrics.nmi, "ari": metrics.adjusted_rand_index,
+                   "acc": metrics.clustering_accuracy}
+LEVEL = 0.95  # coverage of the intervals
+SEED = 0  # of the resampling: the same probe JSON always gets the same verdict
+
+PASS, FAIL, UNDECIDED = "PASS", "FAIL", "NOT DISTINGUISHABLE"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,13 +71,17 @@ class Threshold:
         return f"{self.model} {self.metric} >= {target}"
 
 
-def metric_value(probe_report: dict, model: str, metric: str) -> float:
-    """The metric of one model in eval.linear_probe's JSON; ConfigError naming what exists."""
+def _row(probe_report: dict, model: str) -> dict:
     rows = {row["name"]: row for row in probe_report["models"]}
     if model not in rows:
         raise ConfigError(f"threshold model {model!r} is not in the probe table; its models are "
                           f"{', '.join(rows)}")
-    row = rows[model]
+    return rows[model]
+
+
+def metric_value(probe_report: dict, model: str, metric: str) -> float:
+    """The metric of one model in eval.linear_probe's JSON; ConfigError naming what exists."""
+    row = _row(probe_report, model)
     if metric in _MODEL_METRICS:
         group, key = _MODEL_METRICS[metric]
         return float(row[group][key])
@@ -75,18 +92,81 @@ def metric_value(probe_report: dict, model: str, metric: str) -> float:
     return float(row["probes"][layer][kind])
 
 
+def per_image(probe_report: dict, model: str, metric: str) -> tuple:
+    """(arrays, score): per-test-image arrays of one model's figure and the function of them
+    that gives the figure, score(*arrays) == metric_value(...), for resampling."""
+    metric_value(probe_report, model, metric)  # a missing model or layer is named first
+    record = _row(probe_report, model).get("per_image")
+    if record is None:
+        raise ConfigError(f"the probe table has no per-image results for {model}; evaluate it "
+                          "again with the current eval.linear_probe")
+
+    def array(name):
+        return np.array(record[name].split(), np.int64)
+    if metric in _CLUSTER_SCORES:
+        return (array("labels"), array("cluster")), _CLUSTER_SCORES[metric]
+    return (array(metric),), np.mean
+
+
 def check_threshold(threshold: Threshold, probe_reports: dict) -> dict:
-    """{"rule", "value", "target", "passed"} of one threshold against {title: probe JSON}."""
+    """One threshold against {title: probe JSON}, with bootstrap intervals over the test images.
+
+    Returns:
+      {"rule", "probe", "value", "value_interval", "target", "result" (PASS, FAIL or NOT
+       DISTINGUISHABLE), "passed"}; with a baseline also "baseline_value", "baseline_interval",
+      "difference" and "difference_interval" (model minus baseline, paired). The rule's
+      interval is the difference's with a baseline, the value's without; it passes when the
+      interval's low end reaches the margin and fails when its high end stays below it.
+    """
     title = threshold.probe or next(iter(probe_reports))
     if title not in probe_reports:
         raise ConfigError(f"threshold probe {title!r}: the probe tables are "
                           f"{', '.join(probe_reports)}")
     probe_report = probe_reports[title]
+
+    resample = (metrics.half_sample_interval if threshold.metric in _CLUSTER_SCORES
+                else metrics.bootstrap_interval)
+
+    def interval(score, arrays):
+        return resample(score, arrays, SEED, level=LEVEL)
+
+    arrays, score = per_image(probe_report, threshold.model, threshold.metric)
     value = metric_value(probe_report, threshold.model, threshold.metric)
-    target = threshold.margin + (metric_value(probe_report, threshold.baseline, threshold.metric)
-                                 if threshold.baseline else 0.0)
-    return {"rule": threshold.describe(), "probe": title, "value": value, "target": target,
-            "passed": value >= target}
+    out = {"rule": threshold.describe(), "probe": title, "value": value,
+           "value_interval": interval(score, arrays)}
+    tested = out["value_interval"]
+    if threshold.baseline:
+        base_arrays, base_score = per_image(probe_report, threshold.baseline, threshold.metric)
+        base = metric_value(probe_report, threshold.baseline, threshold.metric)
+        n = len(arrays)
+        if len(base_arrays[0]) != len(arrays[0]):
+            raise ConfigError(f"threshold {threshold.describe()}: {threshold.model} and "
+                              f"{threshold.baseline} were tested on different numbers of images")
+
+        def difference(*both):
+            return score(*both[:n]) - base_score(*both[n:])
+        out.update(baseline_value=base, baseline_interval=interval(base_score, base_arrays),
+                   difference=value - base,
+                   difference_interval=interval(difference, (*arrays, *base_arrays)))
+        tested = out["difference_interval"]
+    out["target"] = threshold.margin + (out.get("baseline_value") or 0.0)
+    out["result"] = (PASS if tested[0] >= threshold.margin else
+                     FAIL if tested[1] < threshold.margin else UNDECIDED)
+    out["passed"] = out["result"] == PASS
+    return out
+
+
+def blessing(checks: list) -> str:
+    """The verdict sentence of a list of `check_threshold` results."""
+    counts = {r: sum(c["result"] == r for c in checks) for r in (PASS, FAIL, UNDECIDED)}
+    verdict = "BLESSED" if counts[PASS] == len(checks) else "NOT BLESSED"
+    return (f"{verdict}: {counts[PASS]} of {len(checks)} thresholds pass, {counts[FAIL]} fail, "
+            f"{counts[UNDECIDED]} not distinguishable from their target ({100 * LEVEL:g} % "
+            "intervals over the test images).")
+
+
+def _with_interval(value, bounds) -> str:
+    return "-" if value is None else f"{value:.4f} [{bounds[0]:.4f}, {bounds[1]:.4f}]"
 
 
 # ------------------------------------------------------------------------------ training runs
@@ -157,12 +237,13 @@ def write_report(out_dir: str, title: str, probe_reports: dict, runs: dict, thre
     checks = [check_threshold(t, probe_reports) for t in thresholds]
     blocks.append(("h2", "Blessing"))
     if checks:
-        passed = sum(c["passed"] for c in checks)
-        verdict = "BLESSED" if passed == len(checks) else "NOT BLESSED"
-        blocks += [("p", f"{verdict}: {passed} of {len(checks)} thresholds pass."),
-                   ("table", ["rule", "probe", "value", "target", "result"],
-                    [[c["rule"], c["probe"], f"{c['value']:.4f}", f"{c['target']:.4f}",
-                      "PASS" if c["passed"] else "FAIL"] for c in checks])]
+        blocks += [("p", blessing(checks)),
+                   ("table", ["rule", "probe", "value [95 % CI]", "baseline [95 % CI]",
+                              "difference [95 % CI]", "target", "result"],
+                    [[c["rule"], c["probe"], _with_interval(c["value"], c["value_interval"]),
+                      _with_interval(c.get("baseline_value"), c.get("baseline_interval")),
+                      _with_interval(c.get("difference"), c.get("difference_interval")),
+                      f"{c['target']:.4f}", c["result"]] for c in checks])]
     else:
         blocks.append(("p", "No thresholds are set for this pipeline."))
 

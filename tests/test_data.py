@@ -123,8 +123,12 @@ def test_transforms_give_the_requested_size_eagerly_and_in_tf_data(shape):
     image = tf.constant(np.random.default_rng(0).integers(0, 255, shape, dtype=np.uint8))
     crop = transforms.center_crop(image, 36, 32)
     assert crop.shape == (32, 32, shape[2]) and crop.dtype == tf.float32
-    view = transforms.random_resized_crop(image, 24, (0.08, 1.0), (0.75, 1.33))
+    view = transforms.random_resized_crop(image, 24, (0.08, 1.0), (0.75, 1.33), seed=[1, 2])
     assert view.shape == (24, 24, shape[2])
+    # Stateless: the same seed gives the same view, eagerly and inside tf.data.
+    same = tf.data.Dataset.from_tensors(image).map(lambda x: transforms.random_resized_crop(
+        x, 24, (0.08, 1.0), (0.75, 1.33), seed=[1, 2]))
+    np.testing.assert_array_equal(next(iter(same)).numpy(), view.numpy())
     ds = tf.data.Dataset.from_tensors(image).map(lambda x: transforms.center_crop(x, 36, 32))
     np.testing.assert_allclose(next(iter(ds)).numpy(), crop.numpy(), atol=1e-4)
 

@@ -79,3 +79,37 @@ def test_knn_votes_are_weighted_by_the_temperature():
 def test_bad_inputs_are_refused(call):
     with pytest.raises(ValueError):
         call()
+
+
+def test_intervals_of_an_accuracy_match_its_normal_approximation():
+    """Both intervals of a mean of 0/1 hits match p +- 1.96 sqrt(p (1 - p) / n)."""
+    n, p = 4000, 0.8
+    hits = np.random.default_rng(0).permutation(np.arange(n) < p * n).astype(int)
+    half_width = 1.96 * np.sqrt(p * (1 - p) / n)  # 0.0124
+    for interval in (metrics.bootstrap_interval, metrics.half_sample_interval):
+        low, high = interval(np.mean, (hits,), seed=0)
+        assert low < p < high, interval
+        assert (high - low) / 2 == pytest.approx(half_width, rel=0.15), interval
+    # Seeded: the same samples give the same interval.
+    assert metrics.bootstrap_interval(np.mean, (hits,), seed=0) == metrics.bootstrap_interval(
+        np.mean, (hits,), seed=0)
+
+
+def test_paired_interval_of_a_difference_is_narrower_than_unpaired():
+    """Two models right on mostly the same images: pairing removes the shared part."""
+    rng = np.random.default_rng(1)
+    easy = rng.random(2000) < 0.7
+    a, b = easy | (rng.random(2000) < 0.05), easy | (rng.random(2000) < 0.02)
+    low, high = metrics.bootstrap_interval(lambda x, y: x.mean() - y.mean(), (a, b), seed=0)
+    assert low < a.mean() - b.mean() < high and low > 0  # a's extra hits are real
+    unpaired = 2 * 1.96 * np.sqrt(a.var() / len(a) + b.var() / len(b))
+    assert high - low < unpaired / 2
+
+
+def test_half_sample_interval_of_nmi_holds_the_figure():
+    truth, pred = _random_labellings(0, n=300)
+    value = metrics.nmi(truth, pred)
+    low, high = metrics.half_sample_interval(metrics.nmi, (truth, pred), seed=0)
+    assert low < value < high and 0.01 < high - low < 0.3
+    with pytest.raises(ValueError, match="one length"):
+        metrics.half_sample_interval(metrics.nmi, (truth, pred[:10]), seed=0)

@@ -20,7 +20,7 @@ CLASSES = 3
 # Endpoint shapes (H, W, C) of every architecture at its default input size, and the pool
 # `pool_spec` chooses: (kernel = stride, pad, flat dim).
 POOLS = {
-    "alexnet": {  # PROTOCOLS.md §3, the paper's table
+    "alexnet": {  # docs/protocols.md §3, the paper's table
         (55, 55, 96): (6, 3, 9600), (27, 27, 256): (4, 0, 9216), (13, 13, 384): (3, 1, 9600),
         (13, 13, 256): (2, 0, 9216)},
     "vgg16": {

@@ -9,11 +9,13 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 from absl.testing import flagsaver
 
 from conftest import ROOT
 from dc_tf.config import ConfigError
+from eval import linear_probe, metrics
 from pipelines import definitions, engine, report
 from pipelines.components import Baseline, LinearProbe, Report
 
@@ -78,13 +80,34 @@ def test_report_has_the_tables_plots_and_blessing(smoke):
         assert (folder / link).stat().st_size > 1000, link
     with open(root / "LinearProbe" / "probe.json") as f:
         probe = json.load(f)
-    for threshold in definitions.smoke().component("Report").thresholds:
+    thresholds = definitions.smoke().component("Report").thresholds
+    checks = [report.check_threshold(t, {"Fashion-MNIST": probe}) for t in thresholds]
+    for threshold in thresholds:
         check = report.check_threshold(threshold, {"Fashion-MNIST": probe})
-        verdict = "PASS" if check["passed"] else "FAIL"
-        assert f"| {threshold.describe()} | Fashion-MNIST | {check['value']:.4f} |" in text
-        assert re.search(rf"^\| {re.escape(threshold.describe())} \|.*\| {verdict} \|$", text, re.M)
+        low, high = check["value_interval"]
+        assert low <= check["value"] <= high
+        assert (f"| {threshold.describe()} | Fashion-MNIST | {check['value']:.4f} "
+                f"[{low:.4f}, {high:.4f}] |") in text
+        assert re.search(rf"^\| {re.escape(threshold.describe())} \|.*\| {check['result']} \|$",
+                         text, re.M)
+    assert report.blessing(checks) in text
     html = (folder / "report.html").read_text()
     assert html.count("<img ") == len(links) and "<td>DeepCluster</td>" in html
+
+
+def _blessing_section(root) -> str:
+    text = (root / "Report" / "report.md").read_text()
+    return text.split("## Blessing")[1].split("\n## ")[0]
+
+
+def test_a_second_run_of_the_pipeline_gives_the_same_verdict(smoke, tmp_path):
+    """Same seeds, same machine: the second run trains the same exports, the probe scores them
+    alike and the intervals resample the same images, so the verdict cannot flip."""
+    root, _ = smoke
+    _run(definitions.smoke(), tmp_path)
+    first = _blessing_section(root)
+    assert "BLESSED" in first and "[" in first  # a verdict and its intervals
+    assert _blessing_section(tmp_path) == first
 
 
 def test_second_run_is_cached_and_touches_nothing(smoke):
@@ -135,16 +158,33 @@ def test_a_failure_is_recorded_and_leaves_the_rest_usable(tmp_path):
         assert engine.read_metadata(str(tmp_path), "Report") is None
 
 
-def _probe_row(name, knn, conv1):
-    """A model's record as eval.linear_probe writes it, reduced to what thresholds read."""
-    return {"name": name, "knn": {"top1": knn, "top5": 1.0},
-            "clustering": {"nmi": 0.5, "ari": 0.1, "acc": 0.4},
-            "probes": {"conv1": {"top1_best": conv1}}}
+def _hits(accuracy: float, n: int, seed: int) -> np.ndarray:
+    """n per-image hits, exactly round(accuracy * n) of them right, in a seeded order."""
+    right = round(accuracy * n)
+    return np.random.default_rng(seed).permutation(np.arange(n) < right).astype(int)
+
+
+def _probe_row(name, knn, conv1, n=256, seed=0):
+    """A model's record as eval.linear_probe writes it, reduced to what thresholds read: the
+    figures and the per-image results they come from (n test images)."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, n)
+    cluster = np.where(rng.random(n) < 0.5, labels, rng.integers(0, 10, n))
+    knn_hits, conv1_hits = _hits(knn, n, seed + 1), _hits(conv1, n, seed + 2)
+    as_text = linear_probe.per_image_record
+    return {"name": name, "knn": {"top1": knn_hits.mean(), "top5": 1.0},
+            "clustering": {"nmi": metrics.nmi(labels, cluster),
+                           "ari": metrics.adjusted_rand_index(labels, cluster),
+                           "acc": metrics.clustering_accuracy(labels, cluster)},
+            "probes": {"conv1": {"top1_best": conv1_hits.mean()}},
+            "per_image": as_text(labels, cluster, {"knn_top1": knn_hits,
+                                                   "knn_top5": np.ones(n, int),
+                                                   "top1_best:conv1": conv1_hits})}
 
 
 def test_thresholds_are_data_checked_against_the_probe_json():
     probes = {"t": {"models": [_probe_row("Random", 0.50, 0.3),
-                               _probe_row("DeepCluster", 0.505, 0.5)]}}
+                               _probe_row("DeepCluster", 0.505, 0.5, seed=1)]}}
     beats = report.Threshold("DeepCluster", "knn_top1", baseline="Random", margin=0.01)
     assert beats.describe() == "DeepCluster knn_top1 >= Random knn_top1 + 0.01"
     assert not report.check_threshold(beats, probes)["passed"]
@@ -156,6 +196,37 @@ def test_thresholds_are_data_checked_against_the_probe_json():
         report.check_threshold(report.Threshold("Random", "top1_best:conv5"), probes)
     with pytest.raises(ConfigError, match="threshold metric 'top1'"):
         report.Threshold("Random", "top1")
+    del probes["t"]["models"][0]["per_image"]
+    with pytest.raises(ConfigError, match="no per-image results for Random"):
+        report.check_threshold(beats, probes)
+
+
+def test_a_margin_inside_the_bootstrap_interval_is_not_distinguishable():
+    """The smoke run's old verdict: kNN 0.7070 against a threshold of 0.7053 on 256 test images
+    (one image decides) blessed; now it is reported as not distinguishable, and only a
+    difference clear of the noise passes or fails."""
+    beats = report.Threshold("DeepCluster", "knn_top1", baseline="Random", margin=0.01)
+
+    def check(dc_knn, random_knn=0.6953, n=256):
+        probes = {"t": {"models": [_probe_row("Random", random_knn, 0.3, n=n),
+                                   _probe_row("DeepCluster", dc_knn, 0.5, n=n, seed=1)]}}
+        return report.check_threshold(beats, probes)
+
+    close = check(0.7070)
+    assert close["value"] >= close["target"]  # the bare figures would pass
+    assert close["result"] == report.UNDECIDED and not close["passed"]
+    low, high = close["difference_interval"]
+    assert low < 0.01 < high and low <= close["difference"] <= high
+    assert report.blessing([close]).startswith("NOT BLESSED: 0 of 1 thresholds pass, 0 fail, 1 ")
+    assert check(0.85)["result"] == report.PASS
+    assert check(0.55)["result"] == report.FAIL
+    # The same images give the same interval: the verdict of a probe JSON never changes.
+    assert check(0.7070) == close
+    # NMI is resampled too, from each image's label and cluster.
+    nmi = report.check_threshold(report.Threshold("DeepCluster", "nmi", margin=0.2),
+                                 {"t": {"models": [_probe_row("DeepCluster", 0.7, 0.5)]}})
+    assert nmi["value_interval"][0] < nmi["value"] < nmi["value_interval"][1]
+    assert nmi["result"] == report.PASS
 
 
 def test_command_line_fails_fast_naming_missing_imagenet(tmp_path):

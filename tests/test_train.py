@@ -114,6 +114,36 @@ assert len(weights) > 10 and all(g is not None for g in grads), [w.name for w in
     assert "max abs diff" in result.stdout
 
 
+def _same_run(a: str, b: str) -> bool:
+    """Whether two model_dirs hold the same run: every assignment, every metrics loss and
+    k-means loss, and the exported weights, bit for bit."""
+    names = sorted(os.listdir(os.path.join(a, "assignments")))
+    assert names == sorted(os.listdir(os.path.join(b, "assignments")))
+    same = all(np.array_equal(np.load(os.path.join(a, "assignments", n)),
+                              np.load(os.path.join(b, "assignments", n))) for n in names)
+    figures = [[(r["loss"], r["kmeans_loss"]) for r in _metrics(d)] for d in (a, b)]
+    weights = [open(os.path.join(d, "export", "variables",
+                                 "variables.data-00000-of-00001"), "rb").read() for d in (a, b)]
+    return same and figures[0] == figures[1] and weights[0] == weights[1]
+
+
+def test_one_seed_gives_one_run_also_across_a_resume(trained, tmp_path):
+    from dc_tf import train
+    again = train.run(config_from_flagfile("smoke.cfg", f"--model_dir={tmp_path / 'again'}"))
+    assert _same_run(trained.model_dir, again.model_dir)
+    resumed = str(tmp_path / "resumed")
+    train.run(config_from_flagfile("smoke.cfg", f"--model_dir={resumed}", "--epochs=1"))
+    train.run(config_from_flagfile("smoke.cfg", f"--model_dir={resumed}", "--epochs=2"))
+    assert _same_run(trained.model_dir, resumed)
+    other = train.run(config_from_flagfile("smoke.cfg", f"--model_dir={tmp_path / 'other'}",
+                                           f"--seed={trained.seed + 1}"))
+    assert not _same_run(trained.model_dir, other.model_dir)
+    for epoch in (0, 1):  # another seed: another k-means and another stream from epoch 0
+        name = f"epoch_{epoch:04d}.npy"
+        assert not np.array_equal(*(np.load(os.path.join(d, "assignments", name))
+                                    for d in (trained.model_dir, other.model_dir)))
+
+
 def _train_cmd(model_dir, *args):
     return [sys.executable, "-m", "dc_tf.train", "--flagfile=flags/smoke.cfg",
             f"--model_dir={model_dir}", *args]

@@ -2,7 +2,7 @@
 
 `kmeans` follows the released code: `faiss.Clustering` with 20 iterations, no subsampling
 (`max_points_per_centroid` 10,000,000), an exact L2 index, then the final assignment by nearest
-centroid (PROTOCOLS §2). FAISS repairs empty clusters inside its iterations, but the final
+centroid (docs/protocols.md §2). FAISS repairs empty clusters inside its iterations, but the final
 assignment can still leave some empty; `split_empty_clusters` repairs those with the same rule.
 FAISS (1.15) stops before niter iterations once its objective stops decreasing (on the ImageNet-
 size synthetic benchmark, after 10).

@@ -1,7 +1,8 @@
 """PCA whitening and row L2 normalisation of the features before clustering.
 
 DeepCluster reduces the 4096-d fc7 features to 256 dimensions with a whitening PCA
-(`faiss.PCAMatrix(4096, 256, eigen_power=-0.5)`), then L2-normalises each row (PROTOCOLS §2).
+(`faiss.PCAMatrix(4096, 256, eigen_power=-0.5)`), then L2-normalises each row
+(docs/protocols.md §2).
 """
 
 import dataclasses

@@ -3,8 +3,9 @@
 Follows the release's `clustering.py` (`make_graph`, `make_adjacencyW`, `run_pic`,
 `find_maxima_cluster`, `PIC.cluster`): a k-NN graph, 200 power iterations of a random walk with
 restart, then each node climbs to a local maximum of the stationary vector; nodes reaching the
-same maximum form a cluster (PROTOCOLS §2). The release preprocesses inside `PIC.cluster`; here
-the caller passes features that are already PCA-whitened and L2-normalised, as for k-means.
+same maximum form a cluster (docs/protocols.md §2). The release preprocesses inside
+`PIC.cluster`; here the caller passes features that are already PCA-whitened and
+L2-normalised, as for k-means.
 """
 
 import heapq

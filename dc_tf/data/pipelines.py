@@ -46,28 +46,48 @@ def feature_dataset(source: Source, resize_size: int, image_size: int, batch_siz
     return ds.prefetch(AUTOTUNE).with_options(_FIXED_PARALLELISM)
 
 
-def training_dataset(source: Source, labels: tf.Variable, accept: tf.Variable, image_size: int,
-                     crop_scale: tuple, crop_ratio: tuple, batch_size: int, seed: int,
+def training_dataset(source: Source, labels: tf.Variable, accept: tf.Variable,
+                     epoch: tf.Variable, image_size: int, crop_scale: tuple, crop_ratio: tuple,
+                     batch_size: int, steps: int, seed: int,
                      shard: tuple = (1, 0)) -> tf.data.Dataset:
-    """Endless batches of (augmented images, indices), balanced over the current clusters.
+    """One epoch of `steps` batches of (augmented images, indices), balanced over the clusters.
 
-    Only accepted indices are decoded and augmented. The pseudo-labels are *not* part of the
-    batch: prefetched batches are prepared before the callback reclusters, so train_step looks
-    the labels up by index instead.
+    Only accepted indices are decoded and augmented. Each iterator draws the stream of the epoch
+    held in `epoch` when it starts, with the labels and acceptance probabilities of that moment:
+    Keras starts a new iterator at every epoch of a dataset of known length, after the epoch's
+    callbacks, so the stream follows each new clustering from the epoch's first batch whatever
+    the prefetch depth and parallelism. Every draw (proposals, acceptance, crops, flips) is a
+    stateless op keyed by the seed, the epoch and the image's place in the stream: one seed gives
+    one stream, also across a resume. The pseudo-labels are *not* part of the batch: train_step
+    looks them up by index.
 
     Args:
+      epoch: int64 scalar variable, the epoch about to be trained (set by the labelling callback).
+      steps: batches per epoch.
       shard: (number of input pipelines, this one's id): every pipeline draws the same accepted
         index stream and decodes only its share of it (tf.distribute, one pipeline per worker).
     Yields:
       float32 [B, S, S, C] pixels in [0, 255], int32 [B] example indices.
     """
-    def load(index, payload):
-        image = source.decode(index, payload)
-        view = transforms.random_resized_crop(image, image_size, crop_scale, crop_ratio)
-        return view, tf.cast(index, tf.int32)
+    def one_epoch(epoch):
+        views = sampler.stream_key(seed, epoch, salt=1)
 
-    ds = sampler.accepted_pairs(source, labels, accept, seed)
-    if shard[0] > 1:
-        ds = ds.shard(*shard)
-    ds = ds.map(load, num_parallel_calls=AUTOTUNE).ignore_errors()
-    return ds.batch(batch_size, drop_remainder=True).prefetch(AUTOTUNE)
+        def load(position, pair):
+            index, payload = pair
+            image = source.decode(index, payload)
+            view = transforms.random_resized_crop(
+                image, image_size, crop_scale, crop_ratio,
+                seed=tf.random.experimental.stateless_fold_in(views, position))
+            return view, tf.cast(index, tf.int32)
+
+        # Positions before sharding: an image's augmentation does not depend on the worker count.
+        ds = sampler.accepted_pairs(source, labels, accept, sampler.stream_key(seed, epoch))
+        ds = ds.enumerate()
+        if shard[0] > 1:
+            ds = ds.shard(*shard)
+        ds = ds.map(load, num_parallel_calls=AUTOTUNE).ignore_errors()
+        return ds.batch(batch_size, drop_remainder=True).take(steps)
+
+    # Read when an iterator starts, not when the pipeline is built.
+    ds = tf.data.Dataset.range(1).map(lambda _: tf.convert_to_tensor(epoch)).flat_map(one_epoch)
+    return ds.prefetch(AUTOTUNE).apply(tf.data.experimental.assert_cardinality(steps))

@@ -8,7 +8,10 @@ filter runs on batches of indices (cheap vectorised ops), so a skewed clustering
 draws, never extra decoding.
 
 The pseudo-labels and acceptance probabilities are variables written by the ReclusterCallback;
-the pipeline is built once and reads their current values.
+the pipeline is built once and reads their current values. Every draw is stateless and keyed by
+the stream's key (the run's seed and the epoch, `stream_key`), so one key gives one stream
+whatever the parallelism, and an epoch's stream starts anew from its own key: no block of
+indices filtered with an earlier clustering's probabilities outlives the epoch it was drawn for.
 """
 
 import tensorflow as tf
@@ -37,18 +40,28 @@ def acceptance(labels: tf.Variable, accept: tf.Variable, indices: tf.Tensor) -> 
     return tf.where(label >= 0, p, tf.zeros_like(p))
 
 
+def stream_key(seed: int, epoch: tf.Tensor, salt: int = 0) -> tf.Tensor:
+    """int64 [2], the stateless seed of one epoch's draws (`salt` tells apart their uses)."""
+    fold = tf.random.experimental.stateless_fold_in
+    return fold(fold(tf.constant([seed, 0], tf.int64), tf.cast(epoch, tf.int64)), salt)
+
+
 def accepted_pairs(source: Source, labels: tf.Variable, accept: tf.Variable,
-                   seed: int) -> tf.data.Dataset:
+                   key: tf.Tensor) -> tf.data.Dataset:
     """An endless stream of accepted (index, payload) pairs, still undecoded.
 
     Random-access sources propose blocks of indices drawn uniformly with replacement, so even a
     very skewed clustering (acceptance rate n_min * k / N) costs only cheap vectorised draws.
     Record sources propose their records in file order and are shuffled after acceptance, in a
     buffer of encoded records: rejected records are read but never decoded.
+
+    Args:
+      key: int64 [2], the stream's stateless seed (`stream_key`): the same key and variables
+        give the same stream.
     """
     def uniform(shape, step, salt, **kwargs):
-        return tf.random.stateless_uniform(shape, seed=tf.stack([seed, 2 * step + salt]),
-                                           **kwargs)
+        fold = tf.random.experimental.stateless_fold_in
+        return tf.random.stateless_uniform(shape, seed=fold(key, 2 * step + salt), **kwargs)
 
     def accepted(step, index):
         return uniform(tf.shape(index), step, 1) < acceptance(labels, accept, index)
@@ -71,4 +84,4 @@ def accepted_pairs(source: Source, labels: tf.Variable, accept: tf.Variable,
     pairs = source.triples().map(lambda index, payload, label: (index, payload))
     blocks = pairs.repeat().batch(_RECORD_BLOCK).enumerate()
     out = blocks.map(keep, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
-    return out.shuffle(10 * _RECORD_BLOCK, seed=seed)
+    return out.shuffle(10 * _RECORD_BLOCK, seed=key[0] ^ key[1])

@@ -1,4 +1,4 @@
-"""Image transforms of PROTOCOLS.md §2, on single uint8 [H, W, C] images inside tf.data.
+"""Image transforms of docs/protocols.md §2, on single uint8 [H, W, C] images inside tf.data.
 
 Both return float32 pixels in [0, 255]; mean/std normalisation and Sobel live inside the network,
 so the exported SavedModel applies them too.
@@ -37,20 +37,24 @@ def center_crop(image: tf.Tensor, resize_size: int, image_size: int) -> tf.Tenso
 
 
 def random_resized_crop(image: tf.Tensor, image_size: int, scale: tuple, ratio: tuple,
-                        flip: bool = True) -> tf.Tensor:
+                        seed: tf.Tensor, flip: bool = True) -> tf.Tensor:
     """Training view: a crop of random area fraction and aspect ratio, resized, randomly flipped.
+
+    Stateless: the same seed gives the same view, whatever thread or order runs it.
 
     Args:
       image: uint8 [H, W, C].
       scale: (min, max) fraction of the image area (paper: 0.08, 1).
       ratio: (min, max) aspect ratio of the crop (paper: 3/4, 4/3).
+      seed: int32 or int64 [2], the view's stateless seed.
     Returns:
       float32 [image_size, image_size, C].
     """
-    begin, size, _ = tf.image.sample_distorted_bounding_box(
-        tf.shape(image), bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
+    crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        tf.shape(image), bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]), seed=crop_seed,
         min_object_covered=0.0, aspect_ratio_range=ratio, area_range=scale, max_attempts=10,
         use_image_if_no_bounding_boxes=True)
     crop = tf.slice(image, begin, size)
     out = tf.image.resize(crop, [image_size, image_size], antialias=True)
-    return tf.image.random_flip_left_right(out) if flip else out
+    return tf.image.stateless_random_flip_left_right(out, flip_seed) if flip else out

@@ -1,4 +1,4 @@
-"""AlexNet with batch normalisation, as in DeepCluster (PROTOCOLS §1)."""
+"""AlexNet with batch normalisation, as in DeepCluster (docs/protocols.md §1)."""
 
 from __future__ import annotations
 

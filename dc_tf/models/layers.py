@@ -1,8 +1,9 @@
 """Frozen input layers and shared building blocks of the DeepCluster backbones.
 
-`NormalizePixels` and `Sobel` are the fixed front-end every backbone starts with (PROTOCOLS §1);
-both implement `get_config` so a backbone saves to and loads from the `.keras` format. The
-helpers below them build the conv/BN/ReLU units with the paper's initialisation.
+`NormalizePixels` and `Sobel` are the fixed front-end every backbone starts with
+(docs/protocols.md §1); both implement `get_config` so a backbone saves to and loads from the
+`.keras` format. The helpers below them build the conv/BN/ReLU units with the paper's
+initialisation.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import numpy as np
 from keras import layers, ops
 
 # Sobel kernels in cross-correlation orientation (what both PyTorch and TF convolutions compute):
-# out[y, x] = sum_ij K[i, j] * padded[y + i, x + j]. Copied from PROTOCOLS §1.
+# out[y, x] = sum_ij K[i, j] * padded[y + i, x + j]. Copied from docs/protocols.md §1.
 SOBEL_X = np.array([[1, 0, -1], [2, 0, -2], [1, 0, -1]], dtype=np.float32)
 SOBEL_Y = np.array([[1, 2, 1], [0, 0, 0], [-1, -2, -1]], dtype=np.float32)
 
@@ -96,7 +97,7 @@ class Sobel(layers.Layer):
 
 
 # ---------------------------------------------------------------------------------------------
-# Shared building blocks (PROTOCOLS §1 initialisation).
+# Shared building blocks (docs/protocols.md §1 initialisation).
 # ---------------------------------------------------------------------------------------------
 
 

@@ -1,4 +1,4 @@
-"""VGG16 with batch normalisation, as in DeepCluster (PROTOCOLS §1)."""
+"""VGG16 with batch normalisation, as in DeepCluster (docs/protocols.md §1)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ _BLOCKS = ((64, 2), (128, 2), (256, 3), (512, 3), (512, 3))  # (filters, convs) 
 def build_vgg16(inputs, mean, std, sobel: bool, seed: int | None) -> keras.Model:
     """VGG16-BN on `inputs` ([B, S, S, C] raw pixels in [0, 255]).
 
-    Conv layers are named conv{block}_{i} (conv5_3 is the retrieval layer of PROTOCOLS §6).
+    Conv layers are named conv{block}_{i} (conv5_3 is the retrieval layer of docs/protocols.md §6).
     Returns a model named "vgg16" whose output dict holds (shapes at S = 224):
     conv1 [B,224,224,64], conv2 [B,112,112,128], conv3 [B,56,56,256], conv4 [B,28,28,512],
     conv5 [B,14,14,512] (post-ReLU output of each block's last conv, before its pool),

@@ -1,4 +1,4 @@
-"""Top-activating images of channels (PROTOCOLS.md §7): every image of a dataset is scored by a
+"""Top-activating images of channels (docs/protocols.md §7): every image of a dataset is scored by a
 channel's spatial mean activation (post-ReLU), and the top 9 per channel are kept."""
 
 import keras

@@ -1,4 +1,4 @@
-"""Filter visualisation by gradient ascent on the input image (PROTOCOLS.md §7).
+"""Filter visualisation by gradient ascent on the input image (docs/protocols.md §7).
 
 For channel c of a layer, from pixel noise N(128, 20²), `steps` times:
 
