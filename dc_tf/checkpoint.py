@@ -33,9 +33,12 @@ class RunCheckpoint:
         # model variables that tf.train.Checkpoint does not reach through the model: saved too,
         # so that a resumed run draws what an uninterrupted one would.
         seed_states = [v for v in model.variables if v.name == "seed_generator_state"]
+        # DeepClusterV2Model has no top layer, so no head optimizer.
+        head = ({"head_optimizer": model.head_optimizer}
+                if getattr(model, "head_optimizer", None) is not None else {})
         self._ckpt = tf.train.Checkpoint(model=model, backbone_optimizer=model.optimizer,
-                                         head_optimizer=model.head_optimizer,
-                                         seed_states=seed_states, epochs_done=self.epochs_done)
+                                         seed_states=seed_states, epochs_done=self.epochs_done,
+                                         **head)
         self._manager = tf.train.CheckpointManager(self._ckpt, directory, max_to_keep=max_to_keep)
 
     def restore(self) -> int:

@@ -8,6 +8,8 @@ the frozen object. Field names equal flag names.
 import dataclasses
 import json
 
+# DeepCluster (Caron et al. 2018) or its successor DeepCluster-v2 (docs/protocols.md §9).
+METHODS = ("deepcluster", "deepcluster_v2")
 ARCHS = ("alexnet", "vgg16", "resnet50", "small_vgg")
 CLUSTERINGS = ("kmeans", "pic")
 # k-means: the paper's (exact, flat), FAISS's two-level clustering refined by one exact step, or
@@ -20,12 +22,20 @@ STRATEGIES = ("default", "mirrored", "multi_worker")
 # may be spelled differently: relative, absolute, through a link).
 RESUMABLE_CHANGES = ("epochs", "learning_rate", "model_dir", "jit_compile", "mixed_precision",
                      "strategy")
+# Flags that mean something for one method only; giving one with the other method is refused.
+METHOD_FLAGS = {
+    "deepcluster": ("num_clusters", "clustering", "pca_dim", "pca_sample", "kmeans_mode",
+                    "reassign", "crop_scale", "supervised"),
+    "deepcluster_v2": ("num_prototypes", "projection_dims", "temperature", "global_crop_scale",
+                       "local_crops", "local_crop_size", "local_crop_scale"),
+}
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Everything a training run depends on; the defaults are the paper's (flags/base.cfg)."""
 
+    method: str = "deepcluster"
     # Data.
     dataset: str = "fashion_mnist"
     data_dir: str = ""
@@ -46,6 +56,15 @@ class TrainConfig:
     pca_sample: int = 50000
     kmeans_iters: int = 20
     kmeans_mode: str = "exact"
+    # DeepCluster-v2: projection head (hidden, output), prototype heads (one k each), softmax
+    # temperature, multi-crop (two global crops, local_crops smaller ones); ImageNet values.
+    num_prototypes: tuple = (3000, 3000, 3000)
+    projection_dims: tuple = (2048, 128)
+    temperature: float = 0.1
+    global_crop_scale: tuple = (0.14, 1.0)
+    local_crops: int = 6
+    local_crop_size: int = 96
+    local_crop_scale: tuple = (0.05, 0.14)
     # Optimisation.
     epochs: int = 500
     batch_size: int = 256
@@ -73,8 +92,10 @@ class TrainConfig:
     @classmethod
     def from_json(cls, text: str) -> "TrainConfig":
         fields = json.loads(text)
-        for name in ("mean", "std", "crop_scale", "crop_ratio"):
-            fields[name] = tuple(fields[name])
+        for name in ("mean", "std", "crop_scale", "crop_ratio", "num_prototypes",
+                     "projection_dims", "global_crop_scale", "local_crop_scale"):
+            if name in fields:  # a run folder of an older dc_tf lacks the v2 fields
+                fields[name] = tuple(fields[name])
         return cls(**fields)
 
 
@@ -88,6 +109,8 @@ def _fail(flag: str, value, why: str) -> None:
 
 def validate(cfg: TrainConfig) -> TrainConfig:
     """Rejects values no run could use, naming the flag and the fix. Returns cfg unchanged."""
+    if cfg.method not in METHODS:
+        _fail("method", cfg.method, f"choose one of {', '.join(METHODS)}")
     if cfg.arch not in ARCHS:
         _fail("arch", cfg.arch, f"unknown architecture; choose one of {', '.join(ARCHS)}")
     if cfg.clustering not in CLUSTERINGS:
@@ -129,12 +152,49 @@ def validate(cfg: TrainConfig) -> TrainConfig:
               f"give as many values as --std ({len(cfg.std)})")
     if not cfg.model_dir:
         _fail("model_dir", '""', "name an output folder (re-using it resumes the run)")
+    if cfg.method == "deepcluster_v2":
+        _validate_v2(cfg)
     return cfg
+
+
+def _validate_v2(cfg: TrainConfig) -> None:
+    if not cfg.num_prototypes or min(cfg.num_prototypes) < 2:
+        _fail("num_prototypes", ",".join(map(str, cfg.num_prototypes)),
+              "give one k >= 2 per prototype head (ImageNet: 3000,3000,3000)")
+    if len(cfg.projection_dims) != 2 or min(cfg.projection_dims) < 1:
+        _fail("projection_dims", ",".join(map(str, cfg.projection_dims)),
+              "give the hidden and output widths of the projection head (ResNet-50: 2048,128)")
+    if not cfg.temperature > 0:
+        _fail("temperature", cfg.temperature, "must be > 0 (DeepCluster-v2: 0.1)")
+    if cfg.local_crops < 0:
+        _fail("local_crops", cfg.local_crops, "must be >= 0")
+    if cfg.local_crop_size < 1:
+        _fail("local_crop_size", cfg.local_crop_size, "must be a positive integer")
+    for name in ("global_crop_scale", "local_crop_scale"):
+        lo, hi = getattr(cfg, name)
+        if not 0 < lo <= hi <= 1:
+            _fail(name, f"{lo},{hi}", "needs 0 < min <= max <= 1")
+    if cfg.local_crops and cfg.arch != "resnet50" and cfg.local_crop_size != cfg.image_size:
+        _fail("local_crop_size", cfg.local_crop_size, f"--arch={cfg.arch} ends in fully "
+              f"connected layers that take --image_size={cfg.image_size} inputs: set "
+              f"--local_crop_size={cfg.image_size} (a small region, resized) or --local_crops=0")
+    if cfg.strategy != "default":
+        _fail("strategy", cfg.strategy, "--method=deepcluster_v2 trains on one device so far; "
+              "use --strategy=default")
 
 
 def check_against_data(cfg: TrainConfig, feature_dim: int) -> None:
     """Checks what depends on the opened dataset and the built network, before any work."""
     n = cfg.num_examples
+    if cfg.method == "deepcluster_v2":
+        if max(cfg.num_prototypes) > n:
+            _fail("num_prototypes", ",".join(map(str, cfg.num_prototypes)),
+                  f"a head has more prototypes than the {n} images of --dataset={cfg.dataset}; "
+                  "lower it")
+        if cfg.batch_size > n:
+            _fail("batch_size", cfg.batch_size, f"exceeds the {n} images of "
+                  f"--dataset={cfg.dataset}; lower it")
+        return
     if cfg.num_clusters > n:
         _fail("num_clusters", cfg.num_clusters,
               f"exceeds the {n} images of --dataset={cfg.dataset}; lower it (over-clustering, "

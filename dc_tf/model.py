@@ -1,4 +1,5 @@
-"""DeepClusterModel: a backbone, a k-way top layer, and a custom train_step on pseudo-labels."""
+"""The models of the two methods: DeepClusterModel (a backbone, a k-way top layer, pseudo-labels)
+and DeepClusterV2Model (a projection head and frozen prototypes); each a custom train_step."""
 
 import keras
 import tensorflow as tf
@@ -104,3 +105,127 @@ class DeepClusterModel(keras.Model):
         for v in self.head_optimizer.variables:
             if v is not learning_rate:
                 v.assign(tf.zeros_like(v))
+
+
+class DeepClusterV2Model(keras.Model):
+    """DeepCluster-v2 (docs/protocols.md §9): a backbone, a projection head onto the unit sphere,
+    and frozen prototype heads that predict each example's cluster, with a custom train_step.
+
+    State shared with the PrototypeCallback lives in variables:
+      prototypes: one float32 [d, k_h] matrix per head, the centroids of the head's last
+        spherical k-means (never trained: the callback assigns them).
+      assignments: int32 [P, N], each example's cluster under each head (-1: none yet).
+      bank: float32 [N, 2, d], the unit embeddings of every example's two global crops of the
+        current epoch, written by example index in train_step; clustered at the next epoch start.
+      epoch: int64, the epoch being trained; the multi-crop pipeline keys its draws by it.
+    The loss is, per head, the cross-entropy of (embedding . prototypes) / temperature against
+    the example's cluster over every crop, averaged over heads. Backbone and projection train
+    by SGD with momentum and coupled L2 weight decay, as DeepClusterModel's backbone.
+
+    Args:
+      backbone: Keras model mapping float32 images to a dict of endpoints.
+      head_endpoint: the endpoint the projection head reads (fc7; pooled features).
+      num_examples: N.
+      num_prototypes: k of each head.
+      projection_dims: (hidden, output d) widths of the projection head.
+      temperature: softmax temperature.
+      weight_decay: coupled L2 coefficient.
+      seed: seed of the projection head's initialisation.
+    """
+
+    def __init__(self, backbone: keras.Model, head_endpoint: str, num_examples: int,
+                 num_prototypes: tuple, projection_dims: tuple, temperature: float,
+                 weight_decay: float, seed: int, **kwargs):
+        super().__init__(**kwargs)
+        self.backbone, self.head_endpoint = backbone, head_endpoint
+        self.temperature, self.weight_decay = temperature, weight_decay
+        hidden, dim = projection_dims
+        init = keras.initializers.GlorotUniform
+        self.projection = keras.Sequential([
+            keras.layers.Dense(hidden, kernel_initializer=init(seed=seed)),
+            keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5),
+            keras.layers.ReLU(),
+            keras.layers.Dense(dim, kernel_initializer=init(seed=seed + 1), dtype="float32")],
+            name="projection")
+        self.projection.build(backbone.output[head_endpoint].shape)
+        # One attribute per head: tf.train.Checkpoint saves attributes, not lists of variables.
+        self.num_heads = len(num_prototypes)
+        for h, k in enumerate(num_prototypes):
+            setattr(self, f"prototypes_{h}", self.add_weight(
+                shape=(dim, k), initializer="zeros", trainable=False, name=f"prototypes_{h}"))
+        self.assignments = self.add_weight(
+            shape=(len(num_prototypes), num_examples), dtype="int32", trainable=False,
+            initializer=keras.initializers.Constant(-1), name="assignments")
+        self.bank = self.add_weight(shape=(num_examples, 2, dim), initializer="zeros",
+                                    trainable=False, name="bank")
+        self.epoch = self.add_weight(shape=(), dtype="int64", initializer="zeros",
+                                     trainable=False, name="epoch")
+        self.loss_tracker = keras.metrics.Mean(name="loss")
+        self.accuracy_tracker = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
+
+    def compile(self, optimizer, **kwargs):
+        super().compile(optimizer=optimizer, **kwargs)
+        optimizer.build(self.trained_variables)  # so that checkpoints restore its slots
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        """Nothing to build: __init__ and compile() build every variable (as DeepClusterModel)."""
+
+    @property
+    def metrics(self):
+        return [self.loss_tracker, self.accuracy_tracker]
+
+    @property
+    def prototypes(self) -> list:
+        """float32 [d, k_h] prototypes of every head h."""
+        return [getattr(self, f"prototypes_{h}") for h in range(self.num_heads)]
+
+    @property
+    def trained_variables(self) -> list:
+        return self.backbone.trainable_variables + self.projection.trainable_variables
+
+    def call(self, images, training=False):
+        """float32 [B, d] unit embeddings of float32 images."""
+        features = self.backbone(images, training=training)[self.head_endpoint]
+        z = tf.cast(self.projection(features, training=training), tf.float32)
+        return tf.math.l2_normalize(z, axis=1)
+
+    def train_step(self, data):
+        views, indices = data
+        batch = tf.shape(indices)[0]
+        with tf.GradientTape() as tape:
+            # The two global crops in one batch, then the local ones (another size) in another;
+            # rows are view-major: view v of example i is row v * B + i.
+            embedded = [self(tf.concat(views[:2], 0), training=True)]
+            if len(views) > 2:
+                embedded.append(self(tf.concat(views[2:], 0), training=True))
+            z = tf.concat(embedded, 0)
+            losses, first_logits, first_labels = [], None, None
+            for head, prototypes in enumerate(self.prototypes):
+                labels = tf.tile(tf.gather(self.assignments[head], indices), [len(views)])
+                logits = tf.matmul(z, prototypes) / self.temperature
+                known = tf.cast(labels >= 0, tf.float32)
+                cross_entropy = keras.losses.sparse_categorical_crossentropy(
+                    tf.maximum(labels, 0), logits, from_logits=True)
+                losses.append(tf.reduce_sum(cross_entropy * known)
+                              / tf.maximum(tf.reduce_sum(known), 1.0))
+                if head == 0:
+                    first_logits, first_labels = logits, labels
+            loss = tf.add_n(losses) / len(losses)
+        variables = self.trained_variables
+        grads = tape.gradient(loss, variables)
+        self.optimizer.apply([g + self.weight_decay * v for g, v in zip(grads, variables)],
+                             variables)
+        # The bank keeps this epoch's (detached) global embeddings for the next clustering.
+        global_z = tf.stop_gradient(embedded[0])
+        self.bank.value.scatter_nd_update(
+            indices[:, None], tf.stack([global_z[:batch], global_z[batch:]], axis=1))
+        self.loss_tracker.update_state(loss)
+        self.accuracy_tracker.update_state(first_labels, first_logits)
+        return {m.name: m.result() for m in self.metrics}
+
+    def export_network(self) -> keras.Model:
+        """The backbone's endpoints plus `embedding` (the unit projection), for the export."""
+        outputs = dict(self.backbone.output)
+        z = self.projection(outputs[self.head_endpoint], training=False)  # float32
+        outputs["embedding"] = keras.layers.UnitNormalization(axis=1, name="embedding")(z)
+        return keras.Model(self.backbone.input, outputs, name=f"{self.backbone.name}_v2")

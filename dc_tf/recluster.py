@@ -112,7 +112,18 @@ class FinalClustering:
         return saved if int(saved.epochs) == epochs else None
 
 
-def _empty_stats() -> dict:
+def save_final(model_dir: str, final: FinalClustering, figures: dict) -> None:
+    """Writes the final clustering and its figures (final_clustering.json)."""
+    # The figures first: a saved final clustering is reused on a re-run, so it must never
+    # exist without its figures.
+    with open(os.path.join(model_dir, "final_clustering.json"), "w") as f:
+        json.dump(figures, f, indent=1)
+    final.save(model_dir)
+    failpoints.reach("final.saved")
+    logging.info("final clustering: %s", figures)
+
+
+def empty_stats() -> dict:
     return {"kmeans_loss": None, "nmi_prev": None, "nmi_labels": None, "empty_clusters": None,
             "time_features_s": 0.0, "time_cluster_s": 0.0}
 
@@ -126,7 +137,7 @@ class FixedLabelsCallback(keras.callbacks.Callback):
         super().__init__()
         self.labels = labels.astype(np.int32)
         self.num_classes, self.model_dir = num_classes, model_dir
-        self.stats = _empty_stats()
+        self.stats = empty_stats()
         self.skipped = np.zeros(0, np.int64)
 
     def on_train_begin(self, logs=None):
@@ -182,7 +193,7 @@ class ReclusterCallback(keras.callbacks.Callback):
             self.previous = np.load(path)
 
     def on_epoch_begin(self, epoch, logs=None):
-        self.stats = _empty_stats()
+        self.stats = empty_stats()
         recluster = epoch % self.reassign == 0 or self.previous is None
         if self.strategy is not None:  # the feature pass is collective: the chief decides
             recluster = bool(distribute.from_chief(self.strategy, int(recluster)))
@@ -226,13 +237,7 @@ class ReclusterCallback(keras.callbacks.Callback):
                                 if self.previous is not None else None),
                    "nmi_labels": (clustering.nmi(labels, fp.labels)
                                   if (fp.labels >= 0).any() else None)}
-        # The figures first: a saved final clustering is reused on a re-run, so it must never
-        # exist without its figures.
-        with open(os.path.join(self.model_dir, "final_clustering.json"), "w") as f:
-            json.dump(figures, f, indent=1)
-        final.save(self.model_dir)
-        failpoints.reach("final.saved")
-        logging.info("final clustering: %s", figures)
+        save_final(self.model_dir, final, figures)
         return final
 
     def _recluster(self, epoch: int) -> None:

@@ -25,8 +25,9 @@ from dc_tf import config, data, distribute, failpoints, models, run_dir, train_f
 from dc_tf.checkpoint import CheckpointCallback, NonFiniteLossError, RunCheckpoint
 from dc_tf.data import pipelines
 from dc_tf.export import export_saved_model
-from dc_tf.model import DeepClusterModel
+from dc_tf.model import DeepClusterModel, DeepClusterV2Model
 from dc_tf.monitor import RunLogger, truncate_metrics
+from dc_tf.prototypes import PrototypeCallback
 from dc_tf.recluster import (Clusterer, FinalClustering, FixedLabelsCallback,
                              ReclusterCallback)
 from dc_tf.visualization.cluster_montage import ClusterMontageCallback
@@ -96,7 +97,7 @@ def _check_and_train(cfg: config.TrainConfig, source: data.Source, backbone: ker
     cluster_endpoint = models.cluster_endpoint(cfg.arch)
     if not cfg.supervised:
         config.check_against_data(cfg, backbone.output[cluster_endpoint].shape[-1])
-        if cfg.num_examples < 39 * cfg.num_clusters:
+        if cfg.method == "deepcluster" and cfg.num_examples < 39 * cfg.num_clusters:
             logging.warning("%d images for --num_clusters=%d is fewer than the 39 per cluster "
                             "FAISS asks for; clusters will be small and noisy",
                             cfg.num_examples, cfg.num_clusters)
@@ -135,12 +136,21 @@ def _train(cfg: config.TrainConfig, source: data.Source, backbone: keras.Model,
                  f"{faiss_gpus} GPU(s)" if faiss_gpus else "the CPU")
 
     # ---------------------------------------------------------------- model and state
+    v2 = cfg.method == "deepcluster_v2"
     with distribute.variable_scope(strategy):
-        model = DeepClusterModel(backbone, models.head_endpoint(cfg.arch), cfg.num_examples,
-                                 cfg.num_clusters, cfg.weight_decay, seed=cfg.seed)
-        model.compile(
-            backbone_optimizer=keras.optimizers.SGD(cfg.learning_rate, momentum=cfg.momentum),
-            head_optimizer=keras.optimizers.SGD(cfg.learning_rate), jit_compile=cfg.jit_compile)
+        sgd = keras.optimizers.SGD(cfg.learning_rate, momentum=cfg.momentum)
+        if v2:
+            model = DeepClusterV2Model(backbone, models.head_endpoint(cfg.arch),
+                                       cfg.num_examples, cfg.num_prototypes, cfg.projection_dims,
+                                       cfg.temperature, cfg.weight_decay, seed=cfg.seed)
+            model.compile(optimizer=sgd, jit_compile=cfg.jit_compile)
+            optimizers = [model.optimizer]
+        else:
+            model = DeepClusterModel(backbone, models.head_endpoint(cfg.arch), cfg.num_examples,
+                                     cfg.num_clusters, cfg.weight_decay, seed=cfg.seed)
+            model.compile(backbone_optimizer=sgd, head_optimizer=keras.optimizers.SGD(
+                cfg.learning_rate), jit_compile=cfg.jit_compile)
+            optimizers = [model.optimizer, model.head_optimizer]
         checkpoint = RunCheckpoint(
             model, os.path.join(model_dir, "checkpoints"),
             restore_from="" if chief else os.path.join(cfg.model_dir, "checkpoints"))
@@ -151,11 +161,14 @@ def _train(cfg: config.TrainConfig, source: data.Source, backbone: keras.Model,
             f"--model_dir={cfg.model_dir}: the chief resumes after epoch {chief_epoch} but this "
             f"worker found the checkpoint of epoch {initial_epoch}; put --model_dir on storage "
             "that every worker reads")
-    for optimizer in (model.optimizer, model.head_optimizer):  # the flag wins over the checkpoint
+    for optimizer in optimizers:  # the flag wins over the checkpoint
         optimizer.learning_rate = cfg.learning_rate
     truncate_metrics(os.path.join(model_dir, "metrics.jsonl"), initial_epoch)
 
     # ---------------------------------------------------------------- pipelines and callbacks
+    if v2:
+        _train_v2(cfg, source, model, checkpoint, initial_epoch, model_dir)
+        return
     steps_per_epoch = math.ceil(cfg.reassign * cfg.num_examples / cfg.batch_size)
     def training_data(batch_size: int, shard: tuple = (1, 0)) -> tf.data.Dataset:
         # One pipeline feeds batch_size-image batches to each of its replicas: an epoch takes
@@ -204,20 +217,8 @@ def _train(cfg: config.TrainConfig, source: data.Source, backbone: keras.Model,
         # drawn before a reclustering would be trained on after it (training_dataset).
         model.fit(train_data, epochs=cfg.epochs, initial_epoch=initial_epoch,
                   callbacks=callbacks, shuffle=False, verbose=2)
-    if saver.diverged_at is not None:
-        raise NonFiniteLossError(
-            f"the loss became non-finite in epoch {saver.diverged_at}; the checkpoint of the last "
-            f"good epoch is intact in {model_dir}/checkpoints. Lower --learning_rate (now "
-            f"{cfg.learning_rate}) and re-run the same command to resume from it.")
-    if saver.preempted:
-        logging.warning("stopped by SIGTERM: the checkpoint after epoch %d is saved; re-run the "
-                        "same command to continue", int(checkpoint.epochs_done.numpy()) - 1)
+    if not _finished(cfg, source, saver, checkpoint, labeller, model_dir):
         return
-    if len(labeller.skipped):
-        data.write_skipped(source, labeller.skipped, os.path.join(model_dir, "skipped.tsv"))
-        logging.warning("%d unreadable images were skipped (listed with the reason in "
-                        "%s/skipped.tsv), e.g. %s", len(labeller.skipped), model_dir,
-                        ", ".join(source.describe(int(i)) for i in labeller.skipped[:5]))
 
     # ---------------------------------------------------------------- final clustering, export
     final = None
@@ -233,6 +234,63 @@ def _train(cfg: config.TrainConfig, source: data.Source, backbone: keras.Model,
                               cfg.channels, models.min_image_size(cfg.arch), cluster_endpoint,
                               final)
     logging.info("exported the backbone to %s", path)
+
+
+def _finished(cfg: config.TrainConfig, source: data.Source, saver: CheckpointCallback,
+              checkpoint: RunCheckpoint, labeller, model_dir: str) -> bool:
+    """After fit(): raises on divergence, says how to continue after SIGTERM (False), lists the
+    skipped images; True when the run trained all its epochs."""
+    if saver.diverged_at is not None:
+        raise NonFiniteLossError(
+            f"the loss became non-finite in epoch {saver.diverged_at}; the checkpoint of the last "
+            f"good epoch is intact in {model_dir}/checkpoints. Lower --learning_rate (now "
+            f"{cfg.learning_rate}) and re-run the same command to resume from it.")
+    if saver.preempted:
+        logging.warning("stopped by SIGTERM: the checkpoint after epoch %d is saved; re-run the "
+                        "same command to continue", int(checkpoint.epochs_done.numpy()) - 1)
+        return False
+    if len(labeller.skipped):
+        data.write_skipped(source, labeller.skipped, os.path.join(model_dir, "skipped.tsv"))
+        logging.warning("%d unreadable images were skipped (listed with the reason in "
+                        "%s/skipped.tsv), e.g. %s", len(labeller.skipped), model_dir,
+                        ", ".join(source.describe(int(i)) for i in labeller.skipped[:5]))
+    return True
+
+
+def _train_v2(cfg: config.TrainConfig, source: data.Source, model: DeepClusterV2Model,
+              checkpoint: RunCheckpoint, initial_epoch: int, model_dir: str) -> None:
+    """DeepCluster-v2 on one device: multi-crop stream, reclustering of the memory bank at every
+    epoch start, final assignment to head 0's prototypes, export with the embedding."""
+    steps_per_epoch = cfg.num_examples // cfg.batch_size
+    train_data = pipelines.multicrop_dataset(
+        source, model.epoch, cfg.image_size, cfg.global_crop_scale, cfg.local_crops,
+        cfg.local_crop_size, cfg.local_crop_scale, cfg.crop_ratio, cfg.batch_size,
+        steps_per_epoch, cfg.seed)
+    labeller = PrototypeCallback(
+        tf.function(lambda images: model(images, training=False)),
+        lambda: pipelines.feature_dataset(source, cfg.resize_size, cfg.image_size,
+                                          feature_batch_size(cfg.batch_size)),
+        cfg.num_prototypes, cfg.kmeans_iters, cfg.seed, model_dir, source.labels)
+    labeller.resume(initial_epoch)
+    saver = CheckpointCallback(checkpoint)
+    callbacks = [labeller, ClusterMontageCallback(source, model_dir, cfg.seed),
+                 RunLogger(model_dir, labeller, cfg.batch_size, steps_per_epoch,
+                           cfg.learning_rate),
+                 saver]
+    if initial_epoch < cfg.epochs:
+        logging.info("training epochs %d..%d (DeepCluster-v2), %d steps of %d images, %d "
+                     "crops each", initial_epoch, cfg.epochs - 1, steps_per_epoch,
+                     cfg.batch_size, 2 + cfg.local_crops)
+        model.fit(train_data, epochs=cfg.epochs, initial_epoch=initial_epoch,
+                  callbacks=callbacks, shuffle=False, verbose=2)
+    if not _finished(cfg, source, saver, checkpoint, labeller, model_dir):
+        return
+    final = (FinalClustering.load(model_dir, cfg.epochs)
+             or labeller.cluster_final(cfg.epochs))
+    path = export_saved_model(model.export_network(), os.path.join(model_dir, "export"),
+                              cfg.image_size, cfg.channels, models.min_image_size(cfg.arch),
+                              "embedding", final)
+    logging.info("exported the backbone and its embedding to %s", path)
 
 
 def main(argv):

@@ -15,6 +15,11 @@ def _pair(values) -> str:
     return ",".join(str(v) for v in values)
 
 
+flags.DEFINE_string("method", _D.method,
+                    "deepcluster (Caron et al. 2018: feature pass, PCA, k-means, balanced sampling, "
+                    "a fresh top layer each epoch) or deepcluster_v2 (projection head, prototypes "
+                    "from spherical k-means of a memory bank, multi-crop). Flags of the other "
+                    "method are refused.")
 flags.DEFINE_string("dataset", _D.dataset,
                     "fashion_mnist[:SPLIT], tfds:NAME[:SPLIT] (prepared in --data_dir) or "
                     "folder:PATH (every image below PATH; class sub-folders become monitoring labels).")
@@ -43,6 +48,20 @@ flags.DEFINE_string("kmeans_mode", _D.kmeans_mode,
                     "two-level clustering, sqrt(k) cells then k-means inside each, refined by one "
                     "exact step: objective up to 1 % higher on real features, 5 % on synthetic "
                     "blobs). bench/RESULTS.md §8 has the figures; on a GPU, exact is the fastest.")
+flags.DEFINE_list("num_prototypes", _pair(_D.num_prototypes),
+                  "DeepCluster-v2: prototypes of each head, one k per head (ImageNet: 3000,3000,3000).")
+flags.DEFINE_list("projection_dims", _pair(_D.projection_dims),
+                  "DeepCluster-v2: hidden,output widths of the projection head (ResNet-50: 2048,128).")
+flags.DEFINE_float("temperature", _D.temperature,
+                   "DeepCluster-v2: softmax temperature of the prototype scores (0.1).")
+flags.DEFINE_list("global_crop_scale", _pair(_D.global_crop_scale),
+                  "DeepCluster-v2: area fraction min,max of the two global crops (0.14,1).")
+flags.DEFINE_integer("local_crops", _D.local_crops,
+                     "DeepCluster-v2: small crops per image besides the two global ones (6).")
+flags.DEFINE_integer("local_crop_size", _D.local_crop_size,
+                     "DeepCluster-v2: side of the local crops in pixels (96).")
+flags.DEFINE_list("local_crop_scale", _pair(_D.local_crop_scale),
+                  "DeepCluster-v2: area fraction min,max of the local crops (0.05,0.14).")
 flags.DEFINE_integer("epochs", _D.epochs, "Number of epochs (paper: 500).")
 flags.DEFINE_integer("batch_size", _D.batch_size, "Batch size (paper: 256).")
 flags.DEFINE_float("learning_rate", _D.learning_rate, "Constant SGD learning rate (paper: 0.05).")
@@ -80,11 +99,31 @@ def _floats(flag: str, values, length=None) -> tuple:
     return out
 
 
+def _ints(flag: str, values) -> tuple:
+    try:
+        return tuple(int(v) for v in values)
+    except ValueError:
+        raise config.ConfigError(f"--{flag}={','.join(values)}: give comma-separated "
+                                 "integers") from None
+
+
+def _refuse_other_methods_flags(method: str) -> None:
+    """A flag of the other method, given on the command line or in a flagfile, would be
+    silently ignored: refuse it instead."""
+    given = [name for other, names in config.METHOD_FLAGS.items() if other != method
+             for name in names if flags.FLAGS[name].present]
+    if given and method in config.METHOD_FLAGS:
+        raise config.ConfigError(
+            f"--method={method} does not use {', '.join('--' + g for g in given)}: remove "
+            f"{'it' if len(given) == 1 else 'them'} (from the command line or the flagfile)")
+
+
 def config_from_flags() -> config.TrainConfig:
     """Builds the frozen config from the parsed FLAGS (call from main only)."""
     f = flags.FLAGS
+    _refuse_other_methods_flags(f.method)
     return config.TrainConfig(
-        dataset=f.dataset, data_dir=f.data_dir, max_examples=f.max_examples, arch=f.arch,
+        method=f.method, dataset=f.dataset, data_dir=f.data_dir, max_examples=f.max_examples, arch=f.arch,
         sobel=f.sobel, image_size=f.image_size, resize_size=f.resize_size,
         mean=_floats("mean", f.mean), std=_floats("std", f.std),
         crop_scale=_floats("crop_scale", f.crop_scale, 2),
@@ -95,7 +134,11 @@ def config_from_flags() -> config.TrainConfig:
         batch_size=f.batch_size, learning_rate=f.learning_rate, momentum=f.momentum,
         weight_decay=f.weight_decay, reassign=f.reassign, seed=f.seed, model_dir=f.model_dir,
         supervised=f.supervised, jit_compile=f.jit_compile, mixed_precision=f.mixed_precision,
-        strategy=f.strategy)
+        strategy=f.strategy, num_prototypes=_ints("num_prototypes", f.num_prototypes),
+        projection_dims=_ints("projection_dims", f.projection_dims), temperature=f.temperature,
+        global_crop_scale=_floats("global_crop_scale", f.global_crop_scale, 2),
+        local_crops=f.local_crops, local_crop_size=f.local_crop_size,
+        local_crop_scale=_floats("local_crop_scale", f.local_crop_scale, 2))
 
 
 def config_from_argv(argv: list) -> config.TrainConfig:

@@ -1,4 +1,5 @@
-"""Clustering of features for DeepCluster: PCA whitening, FAISS k-means, PIC, statistics.
+"""Clustering of features for DeepCluster: PCA whitening, FAISS k-means, PIC, spherical k-means
+(DeepCluster-v2), statistics.
 
 Numpy in, numpy out; no TensorFlow. Every random choice takes an explicit seed.
 """
@@ -6,6 +7,7 @@ Numpy in, numpy out; no TensorFlow. Every random choice takes an explicit seed.
 from dc_tf.clustering.kmeans import KMeansResult, kmeans, kmeans_reference, split_empty_clusters
 from dc_tf.clustering.pca import PCAWhitening, fit_pca_whitening, l2_normalize
 from dc_tf.clustering.pic import pic
+from dc_tf.clustering.spherical import SphericalKMeansResult, spherical_kmeans
 from dc_tf.clustering.stats import acceptance_probabilities, cluster_sizes, nmi
 
 __all__ = [
@@ -19,5 +21,7 @@ __all__ = [
     "l2_normalize",
     "nmi",
     "pic",
+    "spherical_kmeans",
+    "SphericalKMeansResult",
     "split_empty_clusters",
 ]

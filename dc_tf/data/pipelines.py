@@ -1,4 +1,5 @@
-"""The two tf.data pipelines of a run: the ordered feature pass and the balanced training stream."""
+"""The tf.data pipelines of a run: the ordered feature pass, DeepCluster's balanced training
+stream and DeepCluster-v2's multi-crop stream."""
 
 from typing import Optional
 
@@ -88,6 +89,54 @@ def training_dataset(source: Source, labels: tf.Variable, accept: tf.Variable,
         ds = ds.map(load, num_parallel_calls=AUTOTUNE).ignore_errors()
         return ds.batch(batch_size, drop_remainder=True).take(steps)
 
-    # Read when an iterator starts, not when the pipeline is built.
+    return _per_epoch(epoch, one_epoch, steps)
+
+
+def _per_epoch(epoch: tf.Variable, one_epoch, steps: int) -> tf.data.Dataset:
+    """A dataset of `steps` batches that each iterator builds anew as one_epoch(epoch), with
+    the value `epoch` holds when the iterator starts, not when the pipeline is built."""
     ds = tf.data.Dataset.range(1).map(lambda _: tf.convert_to_tensor(epoch)).flat_map(one_epoch)
     return ds.prefetch(AUTOTUNE).apply(tf.data.experimental.assert_cardinality(steps))
+
+
+def multicrop_dataset(source: Source, epoch: tf.Variable, image_size: int, global_scale: tuple,
+                      local_crops: int, local_size: int, local_scale: tuple, crop_ratio: tuple,
+                      batch_size: int, steps: int, seed: int) -> tf.data.Dataset:
+    """One epoch of `steps` batches of multi-crop views (DeepCluster-v2, docs/protocols.md §9).
+
+    Every example once per epoch, in an order keyed by (seed, epoch); each image is decoded once
+    and gives two global crops (random resized crops of `global_scale` of its area, at
+    image_size) and `local_crops` local ones (`local_scale`, at local_size), each randomly
+    flipped, all drawn by stateless ops keyed by the seed, the epoch and the image's place in the
+    stream, as `training_dataset`.
+
+    Yields:
+      (tuple of 2 + local_crops float32 [B, s, s, C] views, global ones first), int32 [B]
+      example indices.
+    """
+    def one_epoch(epoch):
+        views = sampler.stream_key(seed, epoch, salt=3)
+        if source.random_access:
+            order = tf.random.experimental.stateless_shuffle(
+                tf.range(source.num_examples, dtype=tf.int64), seed=sampler.stream_key(seed, epoch))
+            ds = tf.data.Dataset.from_tensor_slices((order, order))
+        else:
+            key = sampler.stream_key(seed, epoch)
+            ds = source.triples().map(lambda index, payload, label: (index, payload))
+            ds = ds.shuffle(10_000, seed=key[0] ^ key[1])
+
+        def load(position, pair):
+            index, payload = pair
+            image = source.decode(index, payload)
+            seeds = tf.random.experimental.stateless_split(
+                tf.random.experimental.stateless_fold_in(views, position), 2 + local_crops)
+            crops = [transforms.random_resized_crop(image, image_size, global_scale, crop_ratio,
+                                                    seeds[i]) for i in range(2)]
+            crops += [transforms.random_resized_crop(image, local_size, local_scale, crop_ratio,
+                                                     seeds[2 + i]) for i in range(local_crops)]
+            return tuple(crops), tf.cast(index, tf.int32)
+
+        ds = ds.enumerate().map(load, num_parallel_calls=AUTOTUNE).ignore_errors()
+        return ds.batch(batch_size, drop_remainder=True).take(steps)
+
+    return _per_epoch(epoch, one_epoch, steps)

@@ -1,0 +1,200 @@
+"""DeepCluster-v2: spherical k-means, the model's train_step and bank, multi-crop views, a real
+fit() through the training entry point, resume, the export, and flags of the other method."""
+
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import config_from_flagfile
+from dc_tf import clustering, config, models
+from dc_tf.data import pipelines
+from dc_tf.data.sources import ArraySource
+from dc_tf.model import DeepClusterV2Model
+
+
+def _unit_rows(n, d, seed):
+    x = np.random.default_rng(seed).normal(size=(n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _spherical_reference(x, k, seed, niter):
+    """Plain numpy: the same start rows, argmax of dot products, normalised means."""
+    centroids = x[np.random.default_rng(seed).choice(len(x), k, replace=False)].astype(np.float64)
+    for _ in range(niter):
+        labels = np.argmax(x @ centroids.T, axis=1)
+        for c in range(k):
+            if (labels == c).any():
+                mean = x[labels == c].sum(0)
+                centroids[c] = mean / np.linalg.norm(mean)
+    return np.argmax(x @ centroids.T, axis=1), centroids
+
+
+def test_spherical_kmeans_matches_a_numpy_reference():
+    x = _unit_rows(300, 8, seed=0)
+    result = clustering.spherical_kmeans(x, 7, seed=3, niter=10)
+    labels, centroids = _spherical_reference(x, 7, seed=3, niter=10)
+    np.testing.assert_array_equal(result.labels, labels)
+    np.testing.assert_allclose(result.centroids, centroids, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(result.centroids, axis=1), 1.0, atol=1e-5)
+    similarity = np.sum(x * centroids[labels], axis=1)
+    assert result.loss == pytest.approx(np.sum(2 - 2 * similarity), rel=1e-5)
+    with pytest.raises(ValueError, match="num_clusters=301"):
+        clustering.spherical_kmeans(x, 301, seed=0)
+
+
+def test_an_empty_centroid_keeps_its_place():
+    x = _unit_rows(50, 4, seed=1)
+    x[0] = x[1]  # two start rows that coincide: one of them can win no row
+    result = clustering.spherical_kmeans(x, 2, seed=0, niter=3)
+    assert result.centroids.shape == (2, 4) and np.isfinite(result.centroids).all()
+
+
+def _tiny_model(n=40, prototypes=(5, 3)):
+    backbone = models.build_backbone("small_vgg", 8, 1, False, (0.5,), (0.25,), seed=0)
+    model = DeepClusterV2Model(backbone, "fc7", n, prototypes, (16, 8), 0.1, 1e-6, seed=0)
+    model.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9))
+    return model
+
+
+def test_a_training_step_writes_the_bank_by_index_and_leaves_the_prototypes():
+    n = 40
+    model = _tiny_model(n)
+    rng = np.random.default_rng(0)
+    for prototypes in model.prototypes:
+        prototypes.assign(_unit_rows(prototypes.shape[1], 8, seed=2).T)
+    model.assignments.assign(rng.integers(0, 3, (2, n)).astype(np.int32))
+    before = {"prototypes": [p.numpy() for p in model.prototypes],
+              "backbone": [v.numpy() for v in model.backbone.trainable_variables],
+              "bank": model.bank.numpy()}
+    indices = np.array([3, 17, 5, 30], np.int32)
+    views = tuple(tf.constant(rng.uniform(0, 255, (4, 8, 8, 1)), tf.float32) for _ in range(2))
+    ds = tf.data.Dataset.from_tensors((views, indices))
+    model.fit(ds, epochs=1, verbose=0)  # train_step inside a tf.function
+    bank = model.bank.numpy()
+    written = np.zeros(n, bool)
+    written[indices] = True
+    np.testing.assert_array_equal(bank[~written], before["bank"][~written])
+    np.testing.assert_allclose(np.linalg.norm(bank[written], axis=2), 1.0, atol=1e-5)
+    for p_before, p in zip(before["prototypes"], model.prototypes):
+        np.testing.assert_array_equal(p.numpy(), p_before)
+    assert any(not np.array_equal(v.numpy(), b)
+               for v, b in zip(model.backbone.trainable_variables, before["backbone"]))
+
+
+def test_multicrop_views_have_their_sizes_and_every_example_comes_once():
+    n = 24
+    images = np.random.default_rng(0).integers(0, 255, (n, 12, 12, 1), dtype=np.uint8)
+    source = ArraySource("test", n, 1, None, images=images)
+    epoch = tf.Variable(0, dtype=tf.int64)
+    ds = pipelines.multicrop_dataset(source, epoch, 10, (0.3, 1.0), 3, 6, (0.05, 0.2),
+                                     (0.75, 1.33), batch_size=8, steps=3, seed=0)
+    batches = list(ds)
+    assert len(batches) == 3
+    views, indices = batches[0]
+    assert [v.shape for v in views] == [(8, 10, 10, 1)] * 2 + [(8, 6, 6, 1)] * 3
+    assert all(v.dtype == tf.float32 for v in views) and indices.dtype == tf.int32
+    seen = np.concatenate([b[1].numpy() for b in batches])
+    assert sorted(seen) == list(range(n))
+    epoch.assign(1)  # the next epoch: another order
+    assert not np.array_equal(np.concatenate([b[1].numpy() for b in ds]), seen)
+
+
+@pytest.fixture(scope="module")
+def trained_v2(tmp_path_factory):
+    from dc_tf import train
+    model_dir = tmp_path_factory.mktemp("v2") / "run"
+    return train.run(config_from_flagfile("smoke_v2.cfg", f"--model_dir={model_dir}"))
+
+
+def _metrics(model_dir):
+    with open(os.path.join(model_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def test_fit_two_epochs_of_v2_writes_the_model_dir_layout(trained_v2):
+    d = trained_v2.model_dir
+    rows = _metrics(d)
+    assert [r["epoch"] for r in rows] == [0, 1]
+    for r in rows:
+        assert np.isfinite(r["loss"]) and r["train_images_per_s"] > 0
+        for key in ("kmeans_loss", "empty_clusters", "nmi_labels", "time_cluster_s",
+                    "kmeans_loss_head1", "empty_clusters_head1", "nmi_labels_head1"):
+            assert r[key] is not None, key
+    assert rows[0]["nmi_prev"] is None and 0 <= rows[1]["nmi_prev"] <= 1
+    assert rows[0]["time_features_s"] > 0  # the bank's first filling
+    for name in ("epoch_0000.npy", "epoch_0001.npy", "final.npy"):
+        labels = np.load(os.path.join(d, "assignments", name))
+        assert labels.shape == (512,) and labels.min() >= 0 and labels.max() < 10, name
+    with open(os.path.join(d, "config.json")) as f:
+        assert json.load(f)["method"] == "deepcluster_v2"
+
+
+def test_resumed_v2_run_is_the_uninterrupted_one(trained_v2, tmp_path):
+    """Bank, prototypes, assignments and the optimizer come back from the checkpoint: one epoch
+    and a resume give the two-epoch run bit for bit."""
+    from dc_tf import train
+    resumed = str(tmp_path / "resumed")
+    train.run(config_from_flagfile("smoke_v2.cfg", f"--model_dir={resumed}", "--epochs=1"))
+    names = {name for name, _ in tf.train.list_variables(os.path.join(resumed, "checkpoints"))}
+    for variable in ("bank", "assignments", "prototypes_0", "prototypes_1"):
+        assert f"model/{variable}/.ATTRIBUTES/VARIABLE_VALUE" in names, variable
+    train.run(config_from_flagfile("smoke_v2.cfg", f"--model_dir={resumed}", "--epochs=2"))
+    for name in ("epoch_0000.npy", "epoch_0001.npy", "final.npy"):
+        np.testing.assert_array_equal(np.load(os.path.join(resumed, "assignments", name)),
+                                      np.load(os.path.join(trained_v2.model_dir, "assignments",
+                                                           name)), err_msg=name)
+    assert [r["loss"] for r in _metrics(resumed)] == [r["loss"] for r in
+                                                       _metrics(trained_v2.model_dir)]
+
+
+def test_v2_export_reloads_without_dc_tf_and_assign_gives_the_final_clustering(trained_v2,
+                                                                               tmp_path):
+    from dc_tf import data
+    cfg = trained_v2
+    images = data.open_source(cfg.dataset, cfg.data_dir, cfg.num_examples).images
+    np.save(tmp_path / "images.npy", images)
+    script = f"""
+import sys, numpy as np, tensorflow as tf
+m = tf.saved_model.load({os.path.join(cfg.model_dir, 'export')!r})
+assert not [k for k in sys.modules if k.startswith("dc_tf")], "dc_tf was imported"
+images = tf.constant(np.load({str(tmp_path / 'images.npy')!r}))
+out = m.signatures["serving_default"](images=images[:8])
+assert {{"conv1", "conv2", "conv3", "fc6", "fc7", "embedding"}} <= set(out), sorted(out)
+assert out["embedding"].shape == (8, 32)
+np.testing.assert_allclose(np.linalg.norm(out["embedding"].numpy(), axis=1), 1.0, atol=1e-5)
+cluster = m.signatures["assign"](images=images)["cluster"].numpy()
+final = np.load({os.path.join(cfg.model_dir, 'assignments', 'final.npy')!r})
+agree = (cluster == final).mean()
+print("assign agrees with final.npy on", agree)
+assert agree >= 0.999, agree
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            cwd=str(tmp_path), env={**os.environ, "PYTHONPATH": ""})
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("flagfile, flag, message", [
+    ("smoke_v2.cfg", "--pca_dim=16", "--method=deepcluster_v2 does not use --pca_dim"),
+    ("smoke_v2.cfg", "--num_clusters=5", "does not use --num_clusters"),
+    ("smoke.cfg", "--temperature=0.2", "--method=deepcluster does not use --temperature"),
+    ("smoke.cfg", "--method=deepcluster_v2",
+     "--method=deepcluster_v2 does not use --num_clusters, --clustering, --pca_dim"),
+])
+def test_a_flag_of_the_other_method_is_refused(flagfile, flag, message):
+    with pytest.raises(config.ConfigError, match=message):
+        config_from_flagfile(flagfile, flag)
+
+
+def test_v2_values_are_checked_before_any_work():
+    with pytest.raises(config.ConfigError, match="--local_crop_size=16: --arch=small_vgg"):
+        config_from_flagfile("smoke_v2.cfg", "--local_crops=2", "--local_crop_size=16")
+    with pytest.raises(config.ConfigError, match="--num_prototypes=1,10"):
+        config_from_flagfile("smoke_v2.cfg", "--num_prototypes=1,10")
+    with pytest.raises(config.ConfigError, match="--temperature=0.0"):
+        config_from_flagfile("smoke_v2.cfg", "--temperature=0")
