@@ -158,6 +158,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
 
 
 def _validate_v2(cfg: TrainConfig) -> None:
+    if cfg.epochs == 0:
+        _fail("epochs", 0, "DeepCluster-v2's prototypes come from its first epoch; for the "
+              "untrained network (the Random baseline) use --method=deepcluster --epochs=0")
     if not cfg.num_prototypes or min(cfg.num_prototypes) < 2:
         _fail("num_prototypes", ",".join(map(str, cfg.num_prototypes)),
               "give one k >= 2 per prototype head (ImageNet: 3000,3000,3000)")

@@ -8,6 +8,7 @@ DeepClusterV2Model. Before the first epoch the bank is filled by one pass of the
 over centre crops; after it, train_step writes the bank.
 """
 
+import os
 import time
 from typing import Callable, Optional
 
@@ -55,7 +56,7 @@ class PrototypeCallback(keras.callbacks.Callback):
     def resume(self, epoch: int) -> None:
         """Picks up the assignment the run had before `epoch` (for nmi_prev after a restart)."""
         path = assignment_path(self.model_dir, epoch - 1)
-        if epoch > 0 and tf.io.gfile.exists(path):
+        if epoch > 0 and os.path.exists(path):
             self.previous = np.load(path)
 
     def _embedding_pass(self, what):

@@ -198,3 +198,5 @@ def test_v2_values_are_checked_before_any_work():
         config_from_flagfile("smoke_v2.cfg", "--num_prototypes=1,10")
     with pytest.raises(config.ConfigError, match="--temperature=0.0"):
         config_from_flagfile("smoke_v2.cfg", "--temperature=0")
+    with pytest.raises(config.ConfigError, match="--epochs=0: .*--method=deepcluster --epochs=0"):
+        config_from_flagfile("smoke_v2.cfg", "--epochs=0")
