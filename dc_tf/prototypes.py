@@ -8,7 +8,6 @@ DeepClusterV2Model. Before the first epoch the bank is filled by one pass of the
 over centre crops; after it, train_step writes the bank.
 """
 
-import os
 import time
 from typing import Callable, Optional
 
@@ -19,8 +18,8 @@ from absl import logging
 
 from dc_tf import clustering
 from dc_tf.features import extract_features
-from dc_tf.recluster import (FinalClustering, assignment_path, empty_stats, save_array,
-                             save_final)
+from dc_tf.recluster import (FinalClustering, assignment_path, empty_stats,
+                             previous_assignment, save_array, save_final)
 
 
 class PrototypeCallback(keras.callbacks.Callback):
@@ -55,9 +54,7 @@ class PrototypeCallback(keras.callbacks.Callback):
 
     def resume(self, epoch: int) -> None:
         """Picks up the assignment the run had before `epoch` (for nmi_prev after a restart)."""
-        path = assignment_path(self.model_dir, epoch - 1)
-        if epoch > 0 and os.path.exists(path):
-            self.previous = np.load(path)
+        self.previous = previous_assignment(self.model_dir, epoch)
 
     def _embedding_pass(self, what):
         logging.info("%s: embedding pass over %d images", what, self.model.bank.shape[0])

@@ -25,6 +25,12 @@ def assignment_path(model_dir: str, epoch: int) -> str:
     return os.path.join(model_dir, "assignments", f"epoch_{epoch:04d}.npy")
 
 
+def previous_assignment(model_dir: str, epoch: int) -> Optional[np.ndarray]:
+    """The assignment saved for epoch - 1, if any (nmi_prev of a resumed run's first epoch)."""
+    path = assignment_path(model_dir, epoch - 1)
+    return np.load(path) if epoch > 0 and os.path.exists(path) else None
+
+
 def save_array(path: str, array: np.ndarray) -> None:
     """np.save through a temporary file, so a killed run never leaves half an array."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -188,9 +194,7 @@ class ReclusterCallback(keras.callbacks.Callback):
 
     def resume(self, epoch: int) -> None:
         """Picks up the assignment the run had before `epoch` (for nmi_prev after a restart)."""
-        path = assignment_path(self.model_dir, epoch - 1)
-        if epoch > 0 and os.path.exists(path):
-            self.previous = np.load(path)
+        self.previous = previous_assignment(self.model_dir, epoch)
 
     def on_epoch_begin(self, epoch, logs=None):
         self.stats = empty_stats()
