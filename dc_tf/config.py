@@ -26,8 +26,11 @@ RESUMABLE_CHANGES = ("epochs", "learning_rate", "model_dir", "jit_compile", "mix
 METHOD_FLAGS = {
     "deepcluster": ("num_clusters", "clustering", "pca_dim", "pca_sample", "kmeans_mode",
                     "reassign", "crop_scale", "supervised"),
-    "deepcluster_v2": ("num_prototypes", "projection_dims", "temperature", "global_crop_scale",
-                       "local_crops", "local_crop_size", "local_crop_scale"),
+    "deepcluster_v2": ("num_prototypes", "projection_dims", "temperature", "global_crops",
+                       "global_crop_scale",
+                       "local_crops", "local_crop_size", "local_crop_scale", "warmup_epochs",
+                       "final_learning_rate", "lars", "lars_trust_coefficient", "color_jitter",
+                       "blur"),
 }
 
 
@@ -57,14 +60,19 @@ class TrainConfig:
     kmeans_iters: int = 20
     kmeans_mode: str = "exact"
     # DeepCluster-v2: projection head (hidden, output), prototype heads (one k each), softmax
-    # temperature, multi-crop (two global crops, local_crops smaller ones); ImageNet values.
+    # temperature, multi-crop (global_crops >= 2 crops, the first two written to the memory bank;
+    # local_crops smaller ones); ImageNet values.
     num_prototypes: tuple = (3000, 3000, 3000)
     projection_dims: tuple = (2048, 128)
     temperature: float = 0.1
+    global_crops: int = 2
     global_crop_scale: tuple = (0.14, 1.0)
     local_crops: int = 6
     local_crop_size: int = 96
     local_crop_scale: tuple = (0.05, 0.14)
+    # Colour distortion strength of every crop (0: none) and Gaussian blur with p = 0.5.
+    color_jitter: float = 1.0
+    blur: bool = True
     # Optimisation.
     epochs: int = 500
     batch_size: int = 256
@@ -72,6 +80,13 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-5
     reassign: int = 1
+    # DeepCluster-v2's schedule and optimiser: a linear warm-up from 0 over warmup_epochs, then a
+    # cosine from learning_rate down to final_learning_rate (None: the rate stays constant);
+    # LARC (layer-wise trust ratio, unclipped) around SGD.
+    warmup_epochs: int = 0
+    final_learning_rate: float | None = None
+    lars: bool = False
+    lars_trust_coefficient: float = 0.001
     seed: int = 31
     # Baselines: train on the ground-truth labels instead of clusters (the Supervised row).
     supervised: bool = False
@@ -169,6 +184,9 @@ def _validate_v2(cfg: TrainConfig) -> None:
               "give the hidden and output widths of the projection head (ResNet-50: 2048,128)")
     if not cfg.temperature > 0:
         _fail("temperature", cfg.temperature, "must be > 0 (DeepCluster-v2: 0.1)")
+    if cfg.global_crops < 2:
+        _fail("global_crops", cfg.global_crops, "needs at least 2: the memory bank holds the "
+              "embeddings of the first two (DeepCluster-v2: 2)")
     if cfg.local_crops < 0:
         _fail("local_crops", cfg.local_crops, "must be >= 0")
     if cfg.local_crop_size < 1:
@@ -181,6 +199,19 @@ def _validate_v2(cfg: TrainConfig) -> None:
         _fail("local_crop_size", cfg.local_crop_size, f"--arch={cfg.arch} ends in fully "
               f"connected layers that take --image_size={cfg.image_size} inputs: set "
               f"--local_crop_size={cfg.image_size} (a small region, resized) or --local_crops=0")
+    if not 0 <= cfg.color_jitter <= 1.25:
+        _fail("color_jitter", cfg.color_jitter, "needs 0 <= strength <= 1.25 (factors drawn from "
+              "1 -/+ 0.8 x strength must stay >= 0; DeepCluster-v2: 1, 0 = off)")
+    if not 0 <= cfg.warmup_epochs < cfg.epochs:
+        _fail("warmup_epochs", cfg.warmup_epochs, f"needs 0 <= warm-up < --epochs={cfg.epochs}")
+    if cfg.final_learning_rate is not None and not (
+            0 <= cfg.final_learning_rate <= cfg.learning_rate):
+        _fail("final_learning_rate", cfg.final_learning_rate,
+              f"needs 0 <= final rate <= --learning_rate={cfg.learning_rate} (DeepCluster-v2: "
+              "a thousandth of it); leave it out for a constant rate")
+    if not 0 < cfg.lars_trust_coefficient < 1:
+        _fail("lars_trust_coefficient", cfg.lars_trust_coefficient,
+              "needs 0 < trust < 1 (DeepCluster-v2: 0.001)")
     if cfg.strategy != "default":
         _fail("strategy", cfg.strategy, "--method=deepcluster_v2 trains on one device so far; "
               "use --strategy=default")

@@ -4,7 +4,7 @@ and DeepClusterV2Model (a projection head and frozen prototypes); each a custom 
 import keras
 import tensorflow as tf
 
-from dc_tf import distribute
+from dc_tf import distribute, optim
 
 
 class DeepClusterModel(keras.Model):
@@ -120,7 +120,8 @@ class DeepClusterV2Model(keras.Model):
       epoch: int64, the epoch being trained; the multi-crop pipeline keys its draws by it.
     The loss is, per head, the cross-entropy of (embedding . prototypes) / temperature against
     the example's cluster over every crop, averaged over heads. Backbone and projection train
-    by SGD with momentum and coupled L2 weight decay, as DeepClusterModel's backbone.
+    by SGD with momentum and coupled L2 weight decay, as DeepClusterModel's backbone, optionally
+    through LARC (`optim.larc`).
 
     Args:
       backbone: Keras model mapping float32 images to a dict of endpoints.
@@ -131,14 +132,19 @@ class DeepClusterV2Model(keras.Model):
       temperature: softmax temperature.
       weight_decay: coupled L2 coefficient.
       seed: seed of the projection head's initialisation.
+      lars_trust: LARC's trust coefficient; None trains by plain SGD.
+      global_crops: how many of a batch's views are global (image_size) crops; the first two
+        are written to the bank.
     """
 
     def __init__(self, backbone: keras.Model, head_endpoint: str, num_examples: int,
                  num_prototypes: tuple, projection_dims: tuple, temperature: float,
-                 weight_decay: float, seed: int, **kwargs):
+                 weight_decay: float, seed: int, lars_trust: float | None = None,
+                 global_crops: int = 2, **kwargs):
         super().__init__(**kwargs)
         self.backbone, self.head_endpoint = backbone, head_endpoint
         self.temperature, self.weight_decay = temperature, weight_decay
+        self.lars_trust, self.global_crops = lars_trust, global_crops
         hidden, dim = projection_dims
         init = keras.initializers.GlorotUniform
         self.projection = keras.Sequential([
@@ -193,11 +199,12 @@ class DeepClusterV2Model(keras.Model):
         views, indices = data
         batch = tf.shape(indices)[0]
         with tf.GradientTape() as tape:
-            # The two global crops in one batch, then the local ones (another size) in another;
+            # The global crops in one batch, then the local ones (another size) in another;
             # rows are view-major: view v of example i is row v * B + i.
-            embedded = [self(tf.concat(views[:2], 0), training=True)]
-            if len(views) > 2:
-                embedded.append(self(tf.concat(views[2:], 0), training=True))
+            g = self.global_crops
+            embedded = [self(tf.concat(views[:g], 0), training=True)]
+            if len(views) > g:
+                embedded.append(self(tf.concat(views[g:], 0), training=True))
             z = tf.concat(embedded, 0)
             losses, first_logits, first_labels = [], None, None
             for head, prototypes in enumerate(self.prototypes):
@@ -213,12 +220,16 @@ class DeepClusterV2Model(keras.Model):
             loss = tf.add_n(losses) / len(losses)
         variables = self.trained_variables
         grads = tape.gradient(loss, variables)
-        self.optimizer.apply([g + self.weight_decay * v for g, v in zip(grads, variables)],
-                             variables)
-        # The bank keeps this epoch's (detached) global embeddings for the next clustering.
+        if self.lars_trust is None:
+            grads = [g + self.weight_decay * v for g, v in zip(grads, variables)]
+        else:
+            grads = optim.larc(grads, variables, self.weight_decay, self.lars_trust)
+        self.optimizer.apply(grads, variables)
+        # The bank keeps this epoch's (detached) embeddings of the first two global crops for
+        # the next clustering.
         global_z = tf.stop_gradient(embedded[0])
         self.bank.value.scatter_nd_update(
-            indices[:, None], tf.stack([global_z[:batch], global_z[batch:]], axis=1))
+            indices[:, None], tf.stack([global_z[:batch], global_z[batch:2 * batch]], axis=1))
         self.loss_tracker.update_state(loss)
         self.accuracy_tracker.update_state(first_labels, first_logits)
         return {m.name: m.result() for m in self.metrics}

@@ -45,18 +45,17 @@ class RunLogger(keras.callbacks.Callback):
       model_dir: the run folder (metrics.jsonl, logs/).
       recluster: the ReclusterCallback whose `stats` describe the epoch's clustering.
       batch_size, steps_per_epoch: to count training images.
-      learning_rate: the constant learning rate, logged for TensorBoard.
+    The learning rate logged is the model's optimiser's at the epoch's end.
     """
 
     def __init__(self, model_dir: str, recluster: ReclusterCallback, batch_size: int,
-                 steps_per_epoch: int, learning_rate: float, log_every_s: float = 60.0):
+                 steps_per_epoch: int, log_every_s: float = 60.0):
         super().__init__()
         self.batch_size, self.steps_per_epoch = batch_size, steps_per_epoch
         self.log_every_s, self._last_log, self._epoch, self._steps = log_every_s, 0.0, 0, 0
         self.path = os.path.join(model_dir, "metrics.jsonl")
         self.writer = tf.summary.create_file_writer(os.path.join(model_dir, "logs"))
         self.recluster = recluster
-        self.learning_rate = learning_rate
         self._train_start = 0.0
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -84,7 +83,7 @@ class RunLogger(keras.callbacks.Callback):
                "skipped_images": int(len(self.recluster.skipped)),
                "steps": self._steps, "time_train_s": seconds,
                "train_images_per_s": self._steps * self.batch_size / seconds,
-               "learning_rate": self.learning_rate}
+               "learning_rate": float(self.model.optimizer.learning_rate)}
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
         failpoints.reach("epoch.logged")

@@ -21,7 +21,7 @@ import numpy as np
 import tensorflow as tf
 from absl import app, flags, logging
 
-from dc_tf import config, data, distribute, failpoints, models, run_dir, train_flags
+from dc_tf import config, data, distribute, failpoints, models, optim, run_dir, train_flags
 from dc_tf.checkpoint import CheckpointCallback, NonFiniteLossError, RunCheckpoint
 from dc_tf.data import pipelines
 from dc_tf.export import export_saved_model
@@ -64,7 +64,8 @@ def run(cfg: config.TrainConfig, overwrite: bool = False) -> config.TrainConfig:
         try:
             with distribute.variable_scope(strategy):
                 backbone = models.build_backbone(cfg.arch, cfg.image_size, cfg.channels,
-                                                 cfg.sobel, cfg.mean, cfg.std, seed=cfg.seed)
+                                                 cfg.sobel, cfg.mean, cfg.std, seed=cfg.seed,
+                                                 dropout=cfg.method == "deepcluster")
         except ValueError as e:  # --image_size too small for --arch, --mean of the wrong length
             raise config.ConfigError(str(e)) from e
         _check_and_train(cfg, source, backbone, labels, overwrite, strategy)
@@ -138,11 +139,15 @@ def _train(cfg: config.TrainConfig, source: data.Source, backbone: keras.Model,
     # ---------------------------------------------------------------- model and state
     v2 = cfg.method == "deepcluster_v2"
     with distribute.variable_scope(strategy):
-        sgd = keras.optimizers.SGD(cfg.learning_rate, momentum=cfg.momentum)
+        rate = (optim.learning_rate(cfg, cfg.num_examples // cfg.batch_size) if v2
+                else cfg.learning_rate)
+        sgd = keras.optimizers.SGD(rate, momentum=cfg.momentum)
         if v2:
             model = DeepClusterV2Model(backbone, models.head_endpoint(cfg.arch),
                                        cfg.num_examples, cfg.num_prototypes, cfg.projection_dims,
-                                       cfg.temperature, cfg.weight_decay, seed=cfg.seed)
+                                       cfg.temperature, cfg.weight_decay, seed=cfg.seed,
+                                       global_crops=cfg.global_crops,
+                                       lars_trust=cfg.lars_trust_coefficient if cfg.lars else None)
             model.compile(optimizer=sgd, jit_compile=cfg.jit_compile)
             optimizers = [model.optimizer]
         else:
@@ -161,8 +166,10 @@ def _train(cfg: config.TrainConfig, source: data.Source, backbone: keras.Model,
             f"--model_dir={cfg.model_dir}: the chief resumes after epoch {chief_epoch} but this "
             f"worker found the checkpoint of epoch {initial_epoch}; put --model_dir on storage "
             "that every worker reads")
-    for optimizer in optimizers:  # the flag wins over the checkpoint
-        optimizer.learning_rate = cfg.learning_rate
+    # The flag wins over the checkpoint's rate; a schedule is built from the flags anyway.
+    if not isinstance(rate, keras.optimizers.schedules.LearningRateSchedule):
+        for optimizer in optimizers:
+            optimizer.learning_rate = rate
     truncate_metrics(os.path.join(model_dir, "metrics.jsonl"), initial_epoch)
 
     # ---------------------------------------------------------------- pipelines and callbacks
@@ -205,8 +212,7 @@ def _train(cfg: config.TrainConfig, source: data.Source, backbone: keras.Model,
     montage = not cfg.supervised and chief
     callbacks = [labeller,
                  *([ClusterMontageCallback(source, model_dir, cfg.seed)] if montage else []),
-                 RunLogger(model_dir, labeller, cfg.batch_size, steps_per_epoch,
-                           cfg.learning_rate),
+                 RunLogger(model_dir, labeller, cfg.batch_size, steps_per_epoch),
                  saver]
 
     # ---------------------------------------------------------------- train
@@ -263,9 +269,10 @@ def _train_v2(cfg: config.TrainConfig, source: data.Source, model: DeepClusterV2
     epoch start, final assignment to head 0's prototypes, export with the embedding."""
     steps_per_epoch = cfg.num_examples // cfg.batch_size
     train_data = pipelines.multicrop_dataset(
-        source, model.epoch, cfg.image_size, cfg.global_crop_scale, cfg.local_crops,
+        source, model.epoch, cfg.image_size, cfg.global_crops, cfg.global_crop_scale,
+        cfg.local_crops,
         cfg.local_crop_size, cfg.local_crop_scale, cfg.crop_ratio, cfg.batch_size,
-        steps_per_epoch, cfg.seed)
+        steps_per_epoch, cfg.seed, cfg.color_jitter, cfg.blur)
     labeller = PrototypeCallback(
         tf.function(lambda images: model(images, training=False)),
         lambda: pipelines.feature_dataset(source, cfg.resize_size, cfg.image_size,
@@ -274,13 +281,12 @@ def _train_v2(cfg: config.TrainConfig, source: data.Source, model: DeepClusterV2
     labeller.resume(initial_epoch)
     saver = CheckpointCallback(checkpoint)
     callbacks = [labeller, ClusterMontageCallback(source, model_dir, cfg.seed),
-                 RunLogger(model_dir, labeller, cfg.batch_size, steps_per_epoch,
-                           cfg.learning_rate),
+                 RunLogger(model_dir, labeller, cfg.batch_size, steps_per_epoch),
                  saver]
     if initial_epoch < cfg.epochs:
         logging.info("training epochs %d..%d (DeepCluster-v2), %d steps of %d images, %d "
                      "crops each", initial_epoch, cfg.epochs - 1, steps_per_epoch,
-                     cfg.batch_size, 2 + cfg.local_crops)
+                     cfg.batch_size, cfg.global_crops + cfg.local_crops)
         model.fit(train_data, epochs=cfg.epochs, initial_epoch=initial_epoch,
                   callbacks=callbacks, shuffle=False, verbose=2)
     if not _finished(cfg, source, saver, checkpoint, labeller, model_dir):

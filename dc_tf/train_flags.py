@@ -54,17 +54,39 @@ flags.DEFINE_list("projection_dims", _pair(_D.projection_dims),
                   "DeepCluster-v2: hidden,output widths of the projection head (ResNet-50: 2048,128).")
 flags.DEFINE_float("temperature", _D.temperature,
                    "DeepCluster-v2: softmax temperature of the prototype scores (0.1).")
+flags.DEFINE_integer("global_crops", _D.global_crops,
+                     "DeepCluster-v2: global crops per image at --image_size; the first two "
+                     "are written to the memory bank (2).")
 flags.DEFINE_list("global_crop_scale", _pair(_D.global_crop_scale),
-                  "DeepCluster-v2: area fraction min,max of the two global crops (0.14,1).")
+                  "DeepCluster-v2: area fraction min,max of the global crops (0.14,1).")
 flags.DEFINE_integer("local_crops", _D.local_crops,
-                     "DeepCluster-v2: small crops per image besides the two global ones (6).")
+                     "DeepCluster-v2: small crops per image besides the global ones (6).")
 flags.DEFINE_integer("local_crop_size", _D.local_crop_size,
                      "DeepCluster-v2: side of the local crops in pixels (96).")
 flags.DEFINE_list("local_crop_scale", _pair(_D.local_crop_scale),
                   "DeepCluster-v2: area fraction min,max of the local crops (0.05,0.14).")
+flags.DEFINE_float("color_jitter", _D.color_jitter,
+                   "DeepCluster-v2: colour distortion strength s of every crop: brightness, "
+                   "contrast (and for colour images saturation, hue, grayscale) with p = 0.8 "
+                   "(swav: 1; 0 = off).")
+flags.DEFINE_bool("blur", _D.blur,
+                  "DeepCluster-v2: Gaussian blur of every crop with p = 0.5, sigma 0.1-2 px per "
+                  "224 px of the crop's side (swav).")
+flags.DEFINE_integer("warmup_epochs", _D.warmup_epochs,
+                     "DeepCluster-v2: epochs of linear warm-up of the learning rate from 0 (10).")
+flags.DEFINE_float("final_learning_rate", _D.final_learning_rate,
+                   "DeepCluster-v2: the rate a cosine schedule ends at after the warm-up "
+                   "(ImageNet: 0.0048 from 4.8); unset: the rate stays --learning_rate.")
+flags.DEFINE_bool("lars", _D.lars,
+                  "DeepCluster-v2: LARC around SGD, each variable's step scaled by the trust "
+                  "ratio of its weight and gradient norms (the ImageNet recipe).")
+flags.DEFINE_float("lars_trust_coefficient", _D.lars_trust_coefficient,
+                   "DeepCluster-v2: LARC's trust coefficient (0.001).")
 flags.DEFINE_integer("epochs", _D.epochs, "Number of epochs (paper: 500).")
 flags.DEFINE_integer("batch_size", _D.batch_size, "Batch size (paper: 256).")
-flags.DEFINE_float("learning_rate", _D.learning_rate, "Constant SGD learning rate (paper: 0.05).")
+flags.DEFINE_float("learning_rate", _D.learning_rate,
+                   "SGD learning rate: constant for DeepCluster (paper: 0.05); the peak of the "
+                   "schedule for DeepCluster-v2 (see --warmup_epochs, --final_learning_rate).")
 flags.DEFINE_float("momentum", _D.momentum, "SGD momentum of the backbone (paper: 0.9).")
 flags.DEFINE_float("weight_decay", _D.weight_decay, "Coupled L2 coefficient (paper: 1e-5).")
 flags.DEFINE_integer("reassign", _D.reassign, "Epochs between two reclusterings (paper: 1).")
@@ -136,9 +158,13 @@ def config_from_flags() -> config.TrainConfig:
         supervised=f.supervised, jit_compile=f.jit_compile, mixed_precision=f.mixed_precision,
         strategy=f.strategy, num_prototypes=_ints("num_prototypes", f.num_prototypes),
         projection_dims=_ints("projection_dims", f.projection_dims), temperature=f.temperature,
+        global_crops=f.global_crops,
         global_crop_scale=_floats("global_crop_scale", f.global_crop_scale, 2),
         local_crops=f.local_crops, local_crop_size=f.local_crop_size,
-        local_crop_scale=_floats("local_crop_scale", f.local_crop_scale, 2))
+        local_crop_scale=_floats("local_crop_scale", f.local_crop_scale, 2),
+        warmup_epochs=f.warmup_epochs, final_learning_rate=f.final_learning_rate, lars=f.lars,
+        lars_trust_coefficient=f.lars_trust_coefficient, color_jitter=f.color_jitter,
+        blur=f.blur)
 
 
 def config_from_argv(argv: list) -> config.TrainConfig:

@@ -12,8 +12,8 @@ import pytest
 import tensorflow as tf
 
 from conftest import config_from_flagfile
-from dc_tf import clustering, config, models
-from dc_tf.data import pipelines
+from dc_tf import clustering, config, models, optim
+from dc_tf.data import pipelines, transforms
 from dc_tf.data.sources import ArraySource
 from dc_tf.model import DeepClusterV2Model
 
@@ -55,16 +55,18 @@ def test_an_empty_centroid_keeps_its_place():
     assert result.centroids.shape == (2, 4) and np.isfinite(result.centroids).all()
 
 
-def _tiny_model(n=40, prototypes=(5, 3)):
-    backbone = models.build_backbone("small_vgg", 8, 1, False, (0.5,), (0.25,), seed=0)
-    model = DeepClusterV2Model(backbone, "fc7", n, prototypes, (16, 8), 0.1, 1e-6, seed=0)
+def _tiny_model(n=40, prototypes=(5, 3), global_crops=2):
+    backbone = models.build_backbone("small_vgg", 8, 1, False, (0.5,), (0.25,), seed=0,
+                                     dropout=False)
+    model = DeepClusterV2Model(backbone, "fc7", n, prototypes, (16, 8), 0.1, 1e-6, seed=0,
+                               global_crops=global_crops)
     model.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9))
     return model
 
 
 def test_a_training_step_writes_the_bank_by_index_and_leaves_the_prototypes():
     n = 40
-    model = _tiny_model(n)
+    model = _tiny_model(n, global_crops=3)
     rng = np.random.default_rng(0)
     for prototypes in model.prototypes:
         prototypes.assign(_unit_rows(prototypes.shape[1], 8, seed=2).T)
@@ -73,14 +75,17 @@ def test_a_training_step_writes_the_bank_by_index_and_leaves_the_prototypes():
               "backbone": [v.numpy() for v in model.backbone.trainable_variables],
               "bank": model.bank.numpy()}
     indices = np.array([3, 17, 5, 30], np.int32)
-    views = tuple(tf.constant(rng.uniform(0, 255, (4, 8, 8, 1)), tf.float32) for _ in range(2))
+    views = tuple(tf.constant(rng.uniform(0, 255, (4, 8, 8, 1)), tf.float32) for _ in range(3))
+    # The step's embeddings of the global crops, before its update (BN on the batch's statistics).
+    embedded = model(tf.concat(views, 0), training=True).numpy()
     ds = tf.data.Dataset.from_tensors((views, indices))
     model.fit(ds, epochs=1, verbose=0)  # train_step inside a tf.function
     bank = model.bank.numpy()
     written = np.zeros(n, bool)
     written[indices] = True
     np.testing.assert_array_equal(bank[~written], before["bank"][~written])
-    np.testing.assert_allclose(np.linalg.norm(bank[written], axis=2), 1.0, atol=1e-5)
+    np.testing.assert_allclose(bank[indices, 0], embedded[:4], atol=1e-5)  # crop 0
+    np.testing.assert_allclose(bank[indices, 1], embedded[4:8], atol=1e-5)  # crop 1, not 2
     for p_before, p in zip(before["prototypes"], model.prototypes):
         np.testing.assert_array_equal(p.numpy(), p_before)
     assert any(not np.array_equal(v.numpy(), b)
@@ -92,12 +97,13 @@ def test_multicrop_views_have_their_sizes_and_every_example_comes_once():
     images = np.random.default_rng(0).integers(0, 255, (n, 12, 12, 1), dtype=np.uint8)
     source = ArraySource("test", n, 1, None, images=images)
     epoch = tf.Variable(0, dtype=tf.int64)
-    ds = pipelines.multicrop_dataset(source, epoch, 10, (0.3, 1.0), 3, 6, (0.05, 0.2),
-                                     (0.75, 1.33), batch_size=8, steps=3, seed=0)
+    ds = pipelines.multicrop_dataset(source, epoch, 10, 3, (0.3, 1.0), 3, 6, (0.05, 0.2),
+                                     (0.75, 1.33), batch_size=8, steps=3, seed=0,
+                                     color_jitter=1.0, blur=True)
     batches = list(ds)
     assert len(batches) == 3
     views, indices = batches[0]
-    assert [v.shape for v in views] == [(8, 10, 10, 1)] * 2 + [(8, 6, 6, 1)] * 3
+    assert [v.shape for v in views] == [(8, 10, 10, 1)] * 3 + [(8, 6, 6, 1)] * 3
     assert all(v.dtype == tf.float32 for v in views) and indices.dtype == tf.int32
     seen = np.concatenate([b[1].numpy() for b in batches])
     assert sorted(seen) == list(range(n))
@@ -200,3 +206,67 @@ def test_v2_values_are_checked_before_any_work():
         config_from_flagfile("smoke_v2.cfg", "--temperature=0")
     with pytest.raises(config.ConfigError, match="--epochs=0: .*--method=deepcluster --epochs=0"):
         config_from_flagfile("smoke_v2.cfg", "--epochs=0")
+    with pytest.raises(config.ConfigError, match="--warmup_epochs=2: needs 0 <= warm-up < "):
+        config_from_flagfile("smoke_v2.cfg", "--warmup_epochs=2")
+    with pytest.raises(config.ConfigError, match="--final_learning_rate=1.0: needs 0 <= "):
+        config_from_flagfile("smoke_v2.cfg", "--final_learning_rate=1")
+
+
+def test_the_schedule_warms_up_from_zero_then_follows_a_cosine_to_the_final_rate():
+    cfg = config.TrainConfig(method="deepcluster_v2", epochs=10, learning_rate=0.4,
+                             warmup_epochs=2, final_learning_rate=0.004)
+    rate = optim.learning_rate(cfg, steps_per_epoch=5)
+    steps = np.arange(0, 51)
+    values = np.array([float(rate(s)) for s in steps])
+    np.testing.assert_allclose(values[:11], 0.4 * steps[:11] / 10, rtol=1e-5, atol=1e-7)
+    cosine = 0.004 + (0.4 - 0.004) * (1 + np.cos(np.pi * (steps[10:] - 10) / 40)) / 2
+    np.testing.assert_allclose(values[10:], cosine, rtol=1e-4, atol=1e-7)
+    assert optim.learning_rate(config.TrainConfig(learning_rate=0.3), 5) == 0.3  # constant
+
+
+def test_larc_scales_each_variables_step_by_its_trust_ratio():
+    """Against apex's LARC (clip=False): (g + wd w) * trust |w| / (|g| + wd |w| + eps), and the
+    plain gradient where a weight or gradient norm is zero."""
+    rng = np.random.default_rng(0)
+    weights = [rng.normal(size=(3, 4)), rng.normal(size=5) * 10, np.zeros(2)]
+    grads = [rng.normal(size=(3, 4)) * 1e-3, rng.normal(size=5), np.ones(2)]
+    wd, trust = 1e-3, 0.02
+    out = optim.larc([tf.constant(g, tf.float32) for g in grads],
+                     [tf.Variable(w, dtype=tf.float32) for w in weights], wd, trust)
+    for g, w, o in zip(grads, weights, out):
+        if np.linalg.norm(w) == 0:
+            expected = g
+        else:
+            ratio = trust * np.linalg.norm(w) / (np.linalg.norm(g) + wd * np.linalg.norm(w) + 1e-8)
+            expected = (g + wd * w) * ratio
+        np.testing.assert_allclose(o.numpy(), expected, rtol=1e-5)
+
+
+def test_color_distortion_is_stateless_keeps_the_range_and_the_channels():
+    rng = np.random.default_rng(0)
+    for channels in (1, 3):
+        image = tf.constant(rng.uniform(0, 255, (12, 12, channels)), tf.float32)
+        seeds = [tf.constant([s, 7], tf.int64) for s in range(8)]
+        outs = [transforms.color_distortion(image, 1.0, s).numpy() for s in seeds]
+        np.testing.assert_array_equal(outs[0], transforms.color_distortion(image, 1.0,
+                                                                           seeds[0]).numpy())
+        assert all(o.shape == (12, 12, channels) and o.min() >= 0 and o.max() <= 255.0001
+                   for o in outs)
+        assert sum(not np.allclose(o, image.numpy()) for o in outs) >= 4  # p = 0.8
+        assert len({o.tobytes() for o in outs}) >= 5
+
+
+def test_gaussian_blur_matches_scipy():
+    from scipy import ndimage
+    image = np.random.default_rng(1).uniform(0, 255, (10, 11, 2)).astype(np.float32)
+    for seed in range(6):  # p = 0.5: some views blurred, some left alone
+        out = transforms.gaussian_blur(tf.constant(image), (1.0, 1.0),
+                                       tf.constant([seed, 3], tf.int64)).numpy()
+        if np.array_equal(out, image):
+            continue
+        reference = ndimage.gaussian_filter(image, sigma=(1.0, 1.0, 0), mode="mirror",
+                                            truncate=3.0)
+        np.testing.assert_allclose(out, reference, rtol=1e-4, atol=1e-3)
+        break
+    else:
+        pytest.fail("no view of six was blurred")

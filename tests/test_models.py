@@ -273,3 +273,18 @@ def test_folding_leaves_a_bn_whose_conv_output_is_also_read_elsewhere():
     for name, value in model(images, training=False).items():
         np.testing.assert_allclose(folded.network(images, training=False)[name], value,
                                    atol=1e-5)
+
+
+@pytest.mark.parametrize("arch, size", [("small_vgg", 32), ("alexnet", 63)])
+def test_without_dropout_the_network_is_the_same_at_inference(arch, size):
+    """DeepCluster-v2 builds the backbones without their dropout layers: same variables and
+    weights for a seed, so the same network once trained and exported."""
+    with_dropout = build_backbone(arch, size, 1, False, (0.3,), (0.35,), seed=4)
+    without = build_backbone(arch, size, 1, False, (0.3,), (0.35,), seed=4, dropout=False)
+    assert any(isinstance(layer, keras.layers.Dropout) for layer in with_dropout.layers)
+    assert not any(isinstance(layer, keras.layers.Dropout) for layer in without.layers)
+    assert [v.path for v in with_dropout.weights] == [v.path for v in without.weights]
+    x = np.random.default_rng(0).uniform(0, 255, (2, size, size, 1)).astype(np.float32)
+    for name, value in without(x, training=False).items():
+        np.testing.assert_allclose(value, with_dropout(x, training=False)[name], rtol=1e-5,
+                                   atol=1e-5, err_msg=name)

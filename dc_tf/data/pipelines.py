@@ -99,19 +99,23 @@ def _per_epoch(epoch: tf.Variable, one_epoch, steps: int) -> tf.data.Dataset:
     return ds.prefetch(AUTOTUNE).apply(tf.data.experimental.assert_cardinality(steps))
 
 
-def multicrop_dataset(source: Source, epoch: tf.Variable, image_size: int, global_scale: tuple,
-                      local_crops: int, local_size: int, local_scale: tuple, crop_ratio: tuple,
-                      batch_size: int, steps: int, seed: int) -> tf.data.Dataset:
+def multicrop_dataset(source: Source, epoch: tf.Variable, image_size: int, global_crops: int,
+                      global_scale: tuple, local_crops: int, local_size: int, local_scale: tuple, crop_ratio: tuple,
+                      batch_size: int, steps: int, seed: int, color_jitter: float = 0.0,
+                      blur: bool = False) -> tf.data.Dataset:
     """One epoch of `steps` batches of multi-crop views (DeepCluster-v2, docs/protocols.md §9).
 
     Every example once per epoch, in an order keyed by (seed, epoch); each image is decoded once
-    and gives two global crops (random resized crops of `global_scale` of its area, at
+    and gives `global_crops` global crops (random resized crops of `global_scale` of its area, at
     image_size) and `local_crops` local ones (`local_scale`, at local_size), each randomly
-    flipped, all drawn by stateless ops keyed by the seed, the epoch and the image's place in the
-    stream, as `training_dataset`.
+    flipped, colour-distorted with strength `color_jitter` (0: not at all; see
+    `transforms.color_distortion`) and, with `blur`, blurred with probability 0.5 by a Gaussian
+    of 0.1-2 px per 224 px of the view's side; all drawn by stateless ops keyed by the seed, the
+    epoch and the image's place in the stream, as `training_dataset`.
 
     Yields:
-      (tuple of 2 + local_crops float32 [B, s, s, C] views, global ones first), int32 [B]
+      (tuple of global_crops + local_crops float32 [B, s, s, C] views, global ones first),
+      int32 [B]
       example indices.
     """
     def one_epoch(epoch):
@@ -129,12 +133,24 @@ def multicrop_dataset(source: Source, epoch: tf.Variable, image_size: int, globa
             index, payload = pair
             image = source.decode(index, payload)
             seeds = tf.random.experimental.stateless_split(
-                tf.random.experimental.stateless_fold_in(views, position), 2 + local_crops)
-            crops = [transforms.random_resized_crop(image, image_size, global_scale, crop_ratio,
-                                                    seeds[i]) for i in range(2)]
-            crops += [transforms.random_resized_crop(image, local_size, local_scale, crop_ratio,
-                                                     seeds[2 + i]) for i in range(local_crops)]
-            return tuple(crops), tf.cast(index, tf.int32)
+                tf.random.experimental.stateless_fold_in(views, position), global_crops + local_crops)
+            shapes = ([(image_size, global_scale)] * global_crops
+                      + [(local_size, local_scale)] * local_crops)
+            return tuple(view(image, size, scale, seeds[i])
+                         for i, (size, scale) in enumerate(shapes)), tf.cast(index, tf.int32)
+
+        def view(image, size, scale, view_seed):
+            crop_seed, color_seed, blur_seed = tf.unstack(
+                tf.random.experimental.stateless_split(view_seed, 3))
+            crop = tf.ensure_shape(  # static channels: the colour distortion depends on them
+                transforms.random_resized_crop(image, size, scale, crop_ratio, crop_seed),
+                [size, size, source.channels])
+            if color_jitter:
+                crop = transforms.color_distortion(crop, color_jitter, color_seed)
+            if blur:
+                crop = transforms.gaussian_blur(crop, (0.1 * size / 224, 2.0 * size / 224),
+                                                blur_seed)
+            return crop
 
         ds = ds.enumerate().map(load, num_parallel_calls=AUTOTUNE).ignore_errors()
         return ds.batch(batch_size, drop_remainder=True).take(steps)

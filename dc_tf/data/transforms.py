@@ -1,8 +1,10 @@
-"""Image transforms of docs/protocols.md §2, on single uint8 [H, W, C] images inside tf.data.
+"""Image transforms of docs/protocols.md §2 and §9, on single images inside tf.data.
 
-Both return float32 pixels in [0, 255]; mean/std normalisation and Sobel live inside the network,
-so the exported SavedModel applies them too.
+All return float32 pixels in [0, 255]; mean/std normalisation and Sobel live inside the network,
+so the exported SavedModel applies them too. The random ones are stateless: a view's seed fixes it.
 """
+
+import math
 
 import tensorflow as tf
 
@@ -58,3 +60,72 @@ def random_resized_crop(image: tf.Tensor, image_size: int, scale: tuple, ratio: 
     crop = tf.slice(image, begin, size)
     out = tf.image.resize(crop, [image_size, image_size], antialias=True)
     return tf.image.stateless_random_flip_left_right(out, flip_seed) if flip else out
+
+
+def color_distortion(image: tf.Tensor, strength: float, seed: tf.Tensor,
+                     jitter_p: float = 0.8, grayscale_p: float = 0.2) -> tf.Tensor:
+    """DeepCluster-v2's (SimCLR's) colour distortion of a training view, stateless.
+
+    With probability `jitter_p`: brightness and contrast factors drawn from
+    [1 - 0.8 s, 1 + 0.8 s], and for colour images saturation from the same range and a hue
+    shift from [-0.2 s, 0.2 s], applied in that order (torchvision's ColorJitter(0.8 s, 0.8 s,
+    0.8 s, 0.2 s), in a fixed order); then, for colour images, grayscale with probability
+    `grayscale_p`. Contrast and saturation blend with the image's grayscale mean and grayscale,
+    as torchvision's do.
+
+    Args:
+      image: float32 [H, W, C] pixels in [0, 255], C = 1 or 3.
+      strength: s (swav: 1).
+      seed: int32 or int64 [2], the view's stateless seed.
+    Returns:
+      float32 [H, W, C] in [0, 255].
+    """
+    seeds = tf.random.experimental.stateless_split(seed, 6)
+    colour = image.shape[-1] == 3
+
+    def factor(i, spread):
+        return tf.random.stateless_uniform([], seeds[i], 1.0 - spread, 1.0 + spread)
+
+    def gray(x):
+        return tf.image.rgb_to_grayscale(x) if colour else x
+
+    def jitter(x):
+        x = tf.clip_by_value(x * factor(1, 0.8 * strength), 0.0, 255.0)
+        mean = tf.reduce_mean(gray(x))
+        x = tf.clip_by_value(mean + (x - mean) * factor(2, 0.8 * strength), 0.0, 255.0)
+        if colour:
+            x = tf.clip_by_value(gray(x) + (x - gray(x)) * factor(3, 0.8 * strength), 0.0, 255.0)
+            hue = tf.random.stateless_uniform([], seeds[4], -0.2 * strength, 0.2 * strength)
+            x = tf.image.adjust_hue(x / 255.0, hue) * 255.0
+        return x
+
+    draws = tf.random.stateless_uniform([2], seeds[0])
+    image = tf.cond(draws[0] < jitter_p, lambda: jitter(image), lambda: image)
+    if colour:
+        image = tf.cond(draws[1] < grayscale_p,
+                        lambda: tf.image.grayscale_to_rgb(gray(image)), lambda: image)
+    return image
+
+
+def gaussian_blur(image: tf.Tensor, sigma: tuple, seed: tf.Tensor, p: float = 0.5) -> tf.Tensor:
+    """With probability p, a Gaussian blur of standard deviation drawn from `sigma` (min, max)
+    pixels (swav: 0.1-2 px at 224 px), as a separable convolution with reflected borders;
+    stateless. image: float32 [H, W, C]."""
+    draw_seed, sigma_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    s = tf.random.stateless_uniform([], sigma_seed, sigma[0], sigma[1])
+    radius = max(1, int(math.ceil(3 * sigma[1])))
+    x = tf.range(-radius, radius + 1, dtype=tf.float32)
+    kernel = tf.exp(-0.5 * tf.square(x / s))
+    kernel /= tf.reduce_sum(kernel)
+    channels = image.shape[-1]
+
+    def blur(img):
+        padded = tf.pad(img[None], [[0, 0], [radius, radius], [radius, radius], [0, 0]],
+                        mode="REFLECT")
+        rows = tf.tile(tf.reshape(kernel, [-1, 1, 1, 1]), [1, 1, channels, 1])
+        cols = tf.tile(tf.reshape(kernel, [1, -1, 1, 1]), [1, 1, channels, 1])
+        out = tf.nn.depthwise_conv2d(padded, rows, [1, 1, 1, 1], "VALID")
+        return tf.nn.depthwise_conv2d(out, cols, [1, 1, 1, 1], "VALID")[0]
+
+    return tf.cond(tf.random.stateless_uniform([], draw_seed) < p, lambda: blur(image),
+                   lambda: image)

@@ -31,7 +31,7 @@ def _check_arch(arch: str) -> None:
 
 def build_backbone(arch: str, image_size: int, channels: int, sobel: bool,
                    mean: tuple[float, ...], std: tuple[float, ...],
-                   seed: int | None = None) -> keras.Model:
+                   seed: int | None = None, dropout: bool = True) -> keras.Model:
     """Builds the backbone `arch` as a functional model named `arch`.
 
     Args:
@@ -42,6 +42,9 @@ def build_backbone(arch: str, image_size: int, channels: int, sobel: bool,
         mean, std: per-channel statistics on the [0, 1] scale, length `channels` or 1.
         seed: seeds every initializer and dropout layer; same seed -> identical weights.
             None draws fresh random weights.
+        dropout: keep the architecture's dropout layers (DeepCluster); False leaves them out
+            (DeepCluster-v2, whose memory bank wants the embedding without dropout noise). The
+            network at inference is the same either way.
 
     Returns:
         keras.Model: float32 [B, image_size, image_size, channels] -> dict of endpoints
@@ -59,7 +62,7 @@ def build_backbone(arch: str, image_size: int, channels: int, sobel: bool,
             raise ValueError(f"{flag} has {len(values)} values for {channels}-channel images; "
                              f"give 1 value or {channels}")
     inputs = keras.Input((image_size, image_size, channels), dtype="float32", name="image")
-    return build(inputs, tuple(mean), tuple(std), sobel, seed)
+    return build(inputs, tuple(mean), tuple(std), sobel, seed, dropout)
 
 
 def min_image_size(arch: str) -> int:

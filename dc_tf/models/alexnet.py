@@ -16,7 +16,8 @@ _CONVS = (("conv1", 96, 11, True), ("conv2", 256, 5, True), ("conv3", 384, 3, Fa
           ("conv4", 384, 3, False), ("conv5", 256, 3, True))
 
 
-def build_alexnet(inputs, mean, std, sobel: bool, seed: int | None) -> keras.Model:
+def build_alexnet(inputs, mean, std, sobel: bool, seed: int | None,
+                  dropout: bool = True) -> keras.Model:
     """AlexNet-BN on `inputs` ([B, S, S, C] raw pixels in [0, 255]).
 
     Returns a model named "alexnet" whose output dict holds (shapes at S = 224):
@@ -38,6 +39,6 @@ def build_alexnet(inputs, mean, std, sobel: bool, seed: int | None) -> keras.Mod
         if pool:
             x = layers.MaxPooling2D(3, strides=2, padding="valid", name=f"pool{name[-1]}")(x)
     # PyTorch order: Dropout, Linear, ReLU, Dropout, Linear, ReLU.
-    fc6, fc7_pre, fc7 = fc_head(x, 4096, seed, dropout_first=(True, True))
+    fc6, fc7_pre, fc7 = fc_head(x, 4096, seed, dropout_first=(True, True), dropout=dropout)
     endpoints.update(fc6=fc6, fc7=fc7, fc7_pre_relu=fc7_pre)
     return keras.Model(inputs, endpoints, name="alexnet")

@@ -133,8 +133,12 @@ def conv_bn_relu(x, filters: int, kernel: int, name: str, seed: int | None,
     return layers.ReLU(name=f"{name}_relu")(x)
 
 
-def fc_head(x, units: int, seed: int | None, dropout_first: tuple[bool, bool]):
+def fc_head(x, units: int, seed: int | None, dropout_first: tuple[bool, bool],
+            dropout: bool = True):
     """Flatten -> fc6 -> fc7 with optional Dropout(0.5) before each Dense.
+
+    `dropout_first` says which Dense layers the architecture precedes by dropout; `dropout=False`
+    leaves out both (the layers and names are otherwise unchanged).
 
     Returns (fc6, fc7_pre_relu, fc7) tensors; fc6 and fc7 post-ReLU, [B, units] each.
     Dropout layers are named fc6_dropout / fc7_dropout, Dense layers fc6 / fc7.
@@ -142,7 +146,7 @@ def fc_head(x, units: int, seed: int | None, dropout_first: tuple[bool, bool]):
     x = layers.Flatten(name="flatten")(x)
     outs = []
     for i, name in enumerate(("fc6", "fc7")):
-        if dropout_first[i]:
+        if dropout and dropout_first[i]:
             x = layers.Dropout(0.5, seed=layer_seed(seed, 900 + i), name=f"{name}_dropout")(x)
         pre = layers.Dense(units, kernel_initializer=dense_init(layer_seed(seed, 100 + i)),
                            bias_initializer="zeros", name=name)(x)

@@ -22,12 +22,14 @@ STAGES = {"conv2": "conv2_block3_out", "conv3": "conv3_block4_out",
           "conv4": "conv4_block6_out", "conv5": "conv5_block3_out"}
 
 
-def build_resnet50(inputs, mean, std, sobel: bool, seed: int | None) -> keras.Model:
+def build_resnet50(inputs, mean, std, sobel: bool, seed: int | None,
+                   dropout: bool = True) -> keras.Model:
     """ResNet-50 on `inputs` ([B, S, S, C] raw pixels in [0, 255]).
 
     Returns a model named "resnet50" whose output dict holds (shapes at S = 224):
     conv2 [B,56,56,256], conv3 [B,28,28,512], conv4 [B,14,14,1024], conv5 [B,7,7,2048]
     (post-ReLU block outputs) and pool [B,2048] (global average of conv5, the clustering feature).
+    `dropout` is accepted as by the other architectures; ResNet-50 has no dropout layer.
     """
     x = front_end(inputs, mean, std, sobel)
     with warnings.catch_warnings():

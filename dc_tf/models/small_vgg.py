@@ -17,7 +17,8 @@ MIN_IMAGE_SIZE = 8
 _FILTERS = (32, 64, 128)
 
 
-def build_small_vgg(inputs, mean, std, sobel: bool, seed: int | None) -> keras.Model:
+def build_small_vgg(inputs, mean, std, sobel: bool, seed: int | None,
+                  dropout: bool = True) -> keras.Model:
     """Small VGG on `inputs` ([B, S, S, C] raw pixels in [0, 255]).
 
     Returns a model named "small_vgg" whose output dict holds (shapes at S = 32):
@@ -31,6 +32,6 @@ def build_small_vgg(inputs, mean, std, sobel: bool, seed: int | None) -> keras.M
             x = conv_bn_relu(x, filters, 3, f"conv{block}_{i}", layer_seed(seed, 2 * block + i))
         endpoints[f"conv{block}"] = x
         x = layers.MaxPooling2D(2, strides=2, name=f"pool{block}")(x)
-    fc6, fc7_pre, fc7 = fc_head(x, 512, seed, dropout_first=(True, True))
+    fc6, fc7_pre, fc7 = fc_head(x, 512, seed, dropout_first=(True, True), dropout=dropout)
     endpoints.update(fc6=fc6, fc7=fc7, fc7_pre_relu=fc7_pre)
     return keras.Model(inputs, endpoints, name="small_vgg")

@@ -13,7 +13,8 @@ MIN_IMAGE_SIZE = 32
 _BLOCKS = ((64, 2), (128, 2), (256, 3), (512, 3), (512, 3))  # (filters, convs) per block
 
 
-def build_vgg16(inputs, mean, std, sobel: bool, seed: int | None) -> keras.Model:
+def build_vgg16(inputs, mean, std, sobel: bool, seed: int | None,
+                  dropout: bool = True) -> keras.Model:
     """VGG16-BN on `inputs` ([B, S, S, C] raw pixels in [0, 255]).
 
     Conv layers are named conv{block}_{i} (conv5_3 is the retrieval layer of docs/protocols.md §6).
@@ -32,6 +33,6 @@ def build_vgg16(inputs, mean, std, sobel: bool, seed: int | None) -> keras.Model
         endpoints[f"conv{block}"] = x
         x = layers.MaxPooling2D(2, strides=2, name=f"pool{block}")(x)
     # DeepCluster's VGG classifier: Linear, ReLU, Dropout, Linear, ReLU (no dropout before fc6).
-    fc6, fc7_pre, fc7 = fc_head(x, 4096, seed, dropout_first=(False, True))
+    fc6, fc7_pre, fc7 = fc_head(x, 4096, seed, dropout_first=(False, True), dropout=dropout)
     endpoints.update(fc6=fc6, fc7=fc7, fc7_pre_relu=fc7_pre)
     return keras.Model(inputs, endpoints, name="vgg16")
