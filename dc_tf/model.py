@@ -4,7 +4,7 @@ and DeepClusterV2Model (a projection head and frozen prototypes); each a custom 
 import keras
 import tensorflow as tf
 
-from dc_tf import distribute, optim
+from dc_tf import config, distribute, models, optim
 
 
 class DeepClusterModel(keras.Model):
@@ -240,3 +240,25 @@ class DeepClusterV2Model(keras.Model):
         z = self.projection(outputs[self.head_endpoint], training=False)  # float32
         outputs["embedding"] = keras.layers.UnitNormalization(axis=1, name="embedding")(z)
         return keras.Model(self.backbone.input, outputs, name=f"{self.backbone.name}_v2")
+
+
+def build_run_model(cfg: config.TrainConfig, backbone: keras.Model) -> keras.Model:
+    """The compiled model of cfg.method on `backbone` (from `models.backbone_of(cfg)`), with the
+    optimisers and every variable built, ready for a checkpoint to restore."""
+    head_endpoint = models.head_endpoint(cfg.arch)
+    if cfg.method == "deepcluster_v2":
+        model = DeepClusterV2Model(
+            backbone, head_endpoint, cfg.num_examples, cfg.num_prototypes, cfg.projection_dims,
+            cfg.temperature, cfg.weight_decay, seed=cfg.seed, global_crops=cfg.global_crops,
+            lars_trust=cfg.lars_trust_coefficient if cfg.lars else None)
+        model.compile(optimizer=keras.optimizers.SGD(
+            optim.learning_rate(cfg, cfg.num_examples // cfg.batch_size),
+            momentum=cfg.momentum), jit_compile=cfg.jit_compile)
+        return model
+    model = DeepClusterModel(backbone, head_endpoint, cfg.num_examples, cfg.num_clusters,
+                             cfg.weight_decay, seed=cfg.seed)
+    model.compile(backbone_optimizer=keras.optimizers.SGD(cfg.learning_rate,
+                                                          momentum=cfg.momentum),
+                  head_optimizer=keras.optimizers.SGD(cfg.learning_rate),
+                  jit_compile=cfg.jit_compile)
+    return model

@@ -7,12 +7,17 @@ import tensorflow as tf
 from dc_tf import config
 
 
+def scheduled(cfg: config.TrainConfig) -> bool:
+    """Whether cfg's learning rate changes during training (else it is cfg.learning_rate)."""
+    return cfg.warmup_epochs > 0 or cfg.final_learning_rate is not None
+
+
 def learning_rate(cfg: config.TrainConfig, steps_per_epoch: int):
     """The rate of cfg's optimiser: a float (constant), or per step a linear warm-up from 0 over
     cfg.warmup_epochs and then a cosine from cfg.learning_rate to cfg.final_learning_rate over the
     remaining epochs (Keras's CosineDecay, evaluated at the optimiser's step count, so a resumed
     run continues the schedule where it stopped)."""
-    if cfg.final_learning_rate is None and not cfg.warmup_epochs:
+    if not scheduled(cfg):
         return cfg.learning_rate
     final = cfg.learning_rate if cfg.final_learning_rate is None else cfg.final_learning_rate
     warmup_steps = cfg.warmup_epochs * steps_per_epoch

@@ -25,7 +25,7 @@ from dc_tf import config, data, distribute, failpoints, models, optim, run_dir, 
 from dc_tf.checkpoint import CheckpointCallback, NonFiniteLossError, RunCheckpoint
 from dc_tf.data import pipelines
 from dc_tf.export import export_saved_model
-from dc_tf.model import DeepClusterModel, DeepClusterV2Model
+from dc_tf.model import DeepClusterV2Model, build_run_model
 from dc_tf.monitor import RunLogger, truncate_metrics
 from dc_tf.prototypes import PrototypeCallback
 from dc_tf.recluster import (Clusterer, FinalClustering, FixedLabelsCallback,
@@ -63,9 +63,7 @@ def run(cfg: config.TrainConfig, overwrite: bool = False) -> config.TrainConfig:
     with _precision_policy("mixed_bfloat16" if cfg.mixed_precision else "float32"):
         try:
             with distribute.variable_scope(strategy):
-                backbone = models.build_backbone(cfg.arch, cfg.image_size, cfg.channels,
-                                                 cfg.sobel, cfg.mean, cfg.std, seed=cfg.seed,
-                                                 dropout=cfg.method == "deepcluster")
+                backbone = models.backbone_of(cfg)
         except ValueError as e:  # --image_size too small for --arch, --mean of the wrong length
             raise config.ConfigError(str(e)) from e
         _check_and_train(cfg, source, backbone, labels, overwrite, strategy)
@@ -139,23 +137,7 @@ def _train(cfg: config.TrainConfig, source: data.Source, backbone: keras.Model,
     # ---------------------------------------------------------------- model and state
     v2 = cfg.method == "deepcluster_v2"
     with distribute.variable_scope(strategy):
-        rate = (optim.learning_rate(cfg, cfg.num_examples // cfg.batch_size) if v2
-                else cfg.learning_rate)
-        sgd = keras.optimizers.SGD(rate, momentum=cfg.momentum)
-        if v2:
-            model = DeepClusterV2Model(backbone, models.head_endpoint(cfg.arch),
-                                       cfg.num_examples, cfg.num_prototypes, cfg.projection_dims,
-                                       cfg.temperature, cfg.weight_decay, seed=cfg.seed,
-                                       global_crops=cfg.global_crops,
-                                       lars_trust=cfg.lars_trust_coefficient if cfg.lars else None)
-            model.compile(optimizer=sgd, jit_compile=cfg.jit_compile)
-            optimizers = [model.optimizer]
-        else:
-            model = DeepClusterModel(backbone, models.head_endpoint(cfg.arch), cfg.num_examples,
-                                     cfg.num_clusters, cfg.weight_decay, seed=cfg.seed)
-            model.compile(backbone_optimizer=sgd, head_optimizer=keras.optimizers.SGD(
-                cfg.learning_rate), jit_compile=cfg.jit_compile)
-            optimizers = [model.optimizer, model.head_optimizer]
+        model = build_run_model(cfg, backbone)
         checkpoint = RunCheckpoint(
             model, os.path.join(model_dir, "checkpoints"),
             restore_from="" if chief else os.path.join(cfg.model_dir, "checkpoints"))
@@ -167,9 +149,10 @@ def _train(cfg: config.TrainConfig, source: data.Source, backbone: keras.Model,
             f"worker found the checkpoint of epoch {initial_epoch}; put --model_dir on storage "
             "that every worker reads")
     # The flag wins over the checkpoint's rate; a schedule is built from the flags anyway.
-    if not isinstance(rate, keras.optimizers.schedules.LearningRateSchedule):
-        for optimizer in optimizers:
-            optimizer.learning_rate = rate
+    if not optim.scheduled(cfg):
+        for optimizer in (model.optimizer, getattr(model, "head_optimizer", None)):
+            if optimizer is not None:
+                optimizer.learning_rate = cfg.learning_rate
     truncate_metrics(os.path.join(model_dir, "metrics.jsonl"), initial_epoch)
 
     # ---------------------------------------------------------------- pipelines and callbacks

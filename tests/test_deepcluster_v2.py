@@ -185,6 +185,20 @@ assert agree >= 0.999, agree
     assert result.returncode == 0, result.stderr[-2000:]
 
 
+def test_the_visualiser_restores_a_v2_run_as_trained(trained_v2, capfd):
+    """dc_tf.visualize rebuilds the run's own model: every checkpoint value finds its variable,
+    and the restored backbone computes the export's fc7."""
+    from dc_tf.visualization import trained
+    backbone, epochs = trained.restore_backbone(trained.load_config(trained_v2.model_dir))
+    assert epochs == 2
+    assert "could not be found" not in capfd.readouterr().err
+    images = tf.constant(np.random.default_rng(0).integers(0, 255, (4, 32, 32, 1)), tf.uint8)
+    export = tf.saved_model.load(os.path.join(trained_v2.model_dir, "export"))
+    np.testing.assert_allclose(
+        backbone(tf.cast(images, tf.float32), training=False)["fc7"].numpy(),
+        export.signatures["serving_default"](images=images)["fc7"].numpy(), atol=1e-4)
+
+
 @pytest.mark.parametrize("flagfile, flag, message", [
     ("smoke_v2.cfg", "--pca_dim=16", "--method=deepcluster_v2 does not use --pca_dim"),
     ("smoke_v2.cfg", "--num_clusters=5", "does not use --num_clusters"),

@@ -20,7 +20,7 @@ _MODULES = {"alexnet": (alexnet, alexnet.build_alexnet),
             "resnet50": (resnet50, resnet50.build_resnet50),
             "small_vgg": (small_vgg, small_vgg.build_small_vgg)}
 
-__all__ = ["ARCHS", "FoldedBackbone", "NormalizePixels", "Sobel", "build_backbone",
+__all__ = ["ARCHS", "FoldedBackbone", "NormalizePixels", "Sobel", "backbone_of", "build_backbone",
            "cluster_endpoint", "head_endpoint", "min_image_size"]
 
 
@@ -63,6 +63,14 @@ def build_backbone(arch: str, image_size: int, channels: int, sobel: bool,
                              f"give 1 value or {channels}")
     inputs = keras.Input((image_size, image_size, channels), dtype="float32", name="image")
     return build(inputs, tuple(mean), tuple(std), sobel, seed, dropout)
+
+
+def backbone_of(cfg, seed: int | None = None) -> keras.Model:
+    """The backbone of a training run's config (a TrainConfig with its data filled in): seeded
+    by cfg.seed unless `seed` is given; DeepCluster-v2's without dropout."""
+    return build_backbone(cfg.arch, cfg.image_size, cfg.channels, cfg.sobel, cfg.mean, cfg.std,
+                          seed=cfg.seed if seed is None else seed,
+                          dropout=cfg.method == "deepcluster")
 
 
 def min_image_size(arch: str) -> int:

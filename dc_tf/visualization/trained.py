@@ -12,7 +12,7 @@ from absl import logging
 from dc_tf import config, data, models
 from dc_tf.checkpoint import RunCheckpoint
 from dc_tf.data import transforms
-from dc_tf.model import DeepClusterModel
+from dc_tf.model import build_run_model
 from dc_tf.visualization import montage
 
 LOG_EVERY_S = 30.0
@@ -51,12 +51,8 @@ def restore_backbone(cfg: config.TrainConfig) -> tuple:
     """(backbone keras.Model, epochs done): the run's network with its latest checkpoint's
     weights, or with the seeded initial weights of an --epochs=0 run (which has none)."""
     keras.utils.set_random_seed(cfg.seed)  # as dc_tf.train builds it
-    backbone = models.build_backbone(cfg.arch, cfg.image_size, cfg.channels, cfg.sobel,
-                                     cfg.mean, cfg.std, seed=cfg.seed)
-    model = DeepClusterModel(backbone, models.head_endpoint(cfg.arch), cfg.num_examples,
-                             cfg.num_clusters, cfg.weight_decay, seed=cfg.seed)
-    model.compile(keras.optimizers.SGD(cfg.learning_rate, momentum=cfg.momentum),
-                  keras.optimizers.SGD(cfg.learning_rate))
+    backbone = models.backbone_of(cfg)
+    model = build_run_model(cfg, backbone)
     epochs = RunCheckpoint(model, os.path.join(cfg.model_dir, "checkpoints")).restore()
     if epochs == 0 and cfg.epochs > 0:
         raise config.ConfigError(f"--model={cfg.model_dir}: no checkpoint in its checkpoints/ "
