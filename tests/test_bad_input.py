@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import ROOT, folder_smoke_config, write_image
+from conftest import ROOT, config_from_flagfile, folder_smoke_config, write_image
 from dc_tf import config, data, train
+from dc_tf import model as model_module
 from dc_tf.checkpoint import NonFiniteLossError
-from dc_tf.model import DeepClusterModel
+from dc_tf.model import DeepClusterModel, DeepClusterV2Model
 
 
 @pytest.mark.parametrize("flag, message", [
@@ -124,9 +125,21 @@ class DivergingModel(DeepClusterModel):
             self.head.bias.assign(tf.fill(self.head.bias.shape, np.nan))
 
 
-def test_non_finite_loss_keeps_the_last_good_checkpoint(smoke_config, monkeypatch):
-    monkeypatch.setattr(train, "DeepClusterModel", DivergingModel)
-    cfg = smoke_config("--epochs=2")
+class DivergingV2Model(DeepClusterV2Model):
+    """Fault injection: from epoch 1 on, the embedding is NaN (so the loss and the weights)."""
+
+    def call(self, images, training=False):
+        z = super().call(images, training=training)
+        return tf.cond(self.epoch >= 1, lambda: z * np.nan, lambda: z)
+
+
+@pytest.mark.parametrize("flagfile, name, diverging", [
+    ("smoke.cfg", "DeepClusterModel", DivergingModel),
+    ("smoke_v2.cfg", "DeepClusterV2Model", DivergingV2Model)])
+def test_non_finite_loss_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, flagfile, name,
+                                                        diverging):
+    monkeypatch.setattr(model_module, name, diverging)
+    cfg = config_from_flagfile(flagfile, f"--model_dir={tmp_path / 'run'}", "--epochs=2")
     with pytest.raises(NonFiniteLossError, match="non-finite in epoch 1"):
         train.run(cfg)
     index = open(os.path.join(cfg.model_dir, "checkpoints", "checkpoint")).read()

@@ -20,9 +20,10 @@ def _epochs(model_dir):
         return [json.loads(line)["epoch"] for line in f if line.strip()]
 
 
-def test_sigterm_saves_a_checkpoint_and_the_next_run_continues(tmp_path):
+@pytest.mark.parametrize("flagfile", ["smoke.cfg", "smoke_v2.cfg"])
+def test_sigterm_saves_a_checkpoint_and_the_next_run_continues(tmp_path, flagfile):
     model_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "dc_tf.train", "--flagfile=flags/smoke.cfg",
+    cmd = [sys.executable, "-m", "dc_tf.train", f"--flagfile=flags/{flagfile}",
            f"--model_dir={model_dir}", "--epochs=3", "--max_examples=2048"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True)
