@@ -183,10 +183,14 @@ def test_jit_compile_can_be_switched_on_when_resuming(smoke_config):
     assert json.load(open(os.path.join(cfg.model_dir, "config.json")))["jit_compile"] is True
 
 
-def test_mixed_precision_can_be_switched_on_and_exports_float32(smoke_config):
+@pytest.mark.parametrize("flagfile", ["smoke.cfg", "smoke_v2.cfg"])
+def test_mixed_precision_can_be_switched_on_and_exports_float32(tmp_path, flagfile):
     import keras
     import tensorflow as tf
     from dc_tf import train
+
+    def smoke_config(*args):
+        return config_from_flagfile(flagfile, f"--model_dir={tmp_path / 'run'}", *args)
     train.run(smoke_config("--epochs=1"))
     cfg = train.run(smoke_config("--epochs=2", "--mixed_precision"))
     rows = [json.loads(line) for line in open(os.path.join(cfg.model_dir, "metrics.jsonl"))]
