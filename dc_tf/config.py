@@ -212,9 +212,6 @@ def _validate_v2(cfg: TrainConfig) -> None:
     if not 0 < cfg.lars_trust_coefficient < 1:
         _fail("lars_trust_coefficient", cfg.lars_trust_coefficient,
               "needs 0 < trust < 1 (DeepCluster-v2: 0.001)")
-    if cfg.strategy != "default":
-        _fail("strategy", cfg.strategy, "--method=deepcluster_v2 trains on one device so far; "
-              "use --strategy=default")
 
 
 def check_against_data(cfg: TrainConfig, feature_dim: int) -> None:

@@ -228,11 +228,40 @@ class DeepClusterV2Model(keras.Model):
         # The bank keeps this epoch's (detached) embeddings of the first two global crops for
         # the next clustering.
         global_z = tf.stop_gradient(embedded[0])
-        self.bank.value.scatter_nd_update(
-            indices[:, None], tf.stack([global_z[:batch], global_z[batch:2 * batch]], axis=1))
+        self._write_bank(indices, tf.stack([global_z[:batch], global_z[batch:2 * batch]], axis=1))
         self.loss_tracker.update_state(loss)
         self.accuracy_tracker.update_state(first_labels, first_logits)
-        return {m.name: m.result() for m in self.metrics}
+        results = {m.name: m.result() for m in self.metrics}
+        if distribute.is_multi_worker(tf.distribute.get_strategy()):
+            results = {name: value[None] for name, value in results.items()}  # as DeepClusterModel
+        return results
+
+    def _write_bank(self, indices, rows):
+        """bank[indices] = rows; under tf.distribute, every replica's rows into every copy.
+
+        A mirrored variable takes no scatter in a replica's context: the rows of all replicas
+        (all workers) are gathered, and one update in the cross-replica context writes them
+        into each local copy, so that every copy, on every worker, holds the whole bank. The
+        gather is an all-reduce of each replica's rows placed at its offset in the global batch
+        (MultiWorkerMirroredStrategy's all_gather fails on CPU workers, TF 2.21).
+        """
+        context = tf.distribute.get_replica_context()
+        if context is None or context.num_replicas_in_sync == 1:
+            self.bank.value.scatter_nd_update(indices[:, None], rows)
+            return
+        batch = tf.shape(indices)[0]
+        places = (context.replica_id_in_sync_group * batch + tf.range(batch))[:, None]
+
+        def gather(x):
+            shape = tf.concat([[context.num_replicas_in_sync * batch], tf.shape(x)[1:]], 0)
+            return context.all_reduce(tf.distribute.ReduceOp.SUM,
+                                      tf.scatter_nd(places, x, shape))
+
+        def update(strategy, indices, rows):
+            strategy.extended.update(
+                self.bank.value, lambda copy, i, r: copy.scatter_nd_update(i, r),
+                args=(indices, rows), group=False)
+        context.merge_call(update, args=(gather(indices)[:, None], gather(rows)))
 
     def export_network(self) -> keras.Model:
         """The backbone's endpoints plus `embedding` (the unit projection), for the export."""

@@ -6,6 +6,10 @@ cluster. The clustering runs in numpy through one `tf.numpy_function` op for all
 reaches training through variables only: the prototypes and the assignments of the
 DeepClusterV2Model. Before the first epoch the bank is filled by one pass of the initial network
 over centre crops; after it, train_step writes the bank.
+
+Under tf.distribute every worker holds the whole bank (train_step gathers it), clusters it with
+the same seeds, and then takes the chief's prototypes and assignments, so that no worker can
+drift from the chief's clustering.
 """
 
 import time
@@ -16,7 +20,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from dc_tf import clustering
+from dc_tf import clustering, distribute
 from dc_tf.features import extract_features
 from dc_tf.recluster import (FinalClustering, assignment_path, empty_stats,
                              previous_assignment, save_array, save_final)
@@ -34,6 +38,7 @@ class PrototypeCallback(keras.callbacks.Callback):
       seed: the run's seed; head h of epoch t clusters with a seed drawn from (seed, t, h).
       model_dir: where `assignments/epoch_NNNN.npy` (head 0) goes.
       ground_truth: int [N] labels for nmi_labels (-1 unknown), or None.
+      strategy: the tf.distribute strategy the model lives in (None: one device).
     After `on_epoch_begin`, `stats` holds the epoch's figures for the run logger: those of
     DeepCluster for head 0, and kmeans_loss_headH, empty_clusters_headH, nmi_labels_headH for
     every head.
@@ -41,8 +46,10 @@ class PrototypeCallback(keras.callbacks.Callback):
 
     def __init__(self, embed: Callable, feature_data: Callable[[], tf.data.Dataset],
                  num_prototypes: tuple, kmeans_iters: int, seed: int, model_dir: str,
-                 ground_truth: Optional[np.ndarray]):
+                 ground_truth: Optional[np.ndarray],
+                 strategy: Optional[tf.distribute.Strategy] = None):
         super().__init__()
+        self.strategy = strategy
         self.embed, self.feature_data = embed, feature_data
         self.num_prototypes, self.iters, self.seed = tuple(num_prototypes), kmeans_iters, seed
         self.model_dir = model_dir
@@ -73,6 +80,9 @@ class PrototypeCallback(keras.callbacks.Callback):
         start = time.time()
         # A tensor epoch: a Python int would retrace the function every epoch.
         losses, empty = self._recluster(tf.constant(epoch, tf.int64))
+        if self.strategy is not None:
+            distribute.sync_from_chief(self.strategy,
+                                       [self.model.assignments, *self.model.prototypes])
         self.model.epoch.assign(epoch)  # the multi-crop stream of this epoch
         assignments = self.model.assignments.numpy()
         labels = assignments[0]
@@ -134,6 +144,10 @@ class PrototypeCallback(keras.callbacks.Callback):
         """Puts every training image, embedded by the trained network (centre crop), into its
         head-0 prototype of largest dot product, as the export's `assign` does; saves it as
         assignments/final.npy with its figures in final_clustering.json."""
+        if self.strategy is not None:  # the chief's BN statistics, as the export has them
+            distribute.sync_from_chief(self.strategy,
+                                       self.model.backbone.non_trainable_variables
+                                       + self.model.projection.non_trainable_variables)
         fp = self._embedding_pass("final")
         start = time.time()
         prototypes = self.model.prototypes[0].numpy()  # [d, k]

@@ -157,7 +157,7 @@ def _train(cfg: config.TrainConfig, source: data.Source, backbone: keras.Model,
 
     # ---------------------------------------------------------------- pipelines and callbacks
     if v2:
-        _train_v2(cfg, source, model, checkpoint, initial_epoch, model_dir)
+        _train_v2(cfg, source, model, checkpoint, initial_epoch, model_dir, strategy)
         return
     steps_per_epoch = math.ceil(cfg.reassign * cfg.num_examples / cfg.batch_size)
     def training_data(batch_size: int, shard: tuple = (1, 0)) -> tf.data.Dataset:
@@ -247,23 +247,32 @@ def _finished(cfg: config.TrainConfig, source: data.Source, saver: CheckpointCal
 
 
 def _train_v2(cfg: config.TrainConfig, source: data.Source, model: DeepClusterV2Model,
-              checkpoint: RunCheckpoint, initial_epoch: int, model_dir: str) -> None:
-    """DeepCluster-v2 on one device: multi-crop stream, reclustering of the memory bank at every
-    epoch start, final assignment to head 0's prototypes, export with the embedding."""
+              checkpoint: RunCheckpoint, initial_epoch: int, model_dir: str,
+              strategy: tf.distribute.Strategy) -> None:
+    """DeepCluster-v2: multi-crop stream, reclustering of the memory bank at every epoch start,
+    final assignment to head 0's prototypes, export with the embedding (by the chief)."""
+    chief = distribute.is_chief(strategy)
+    distributed = strategy if distribute.is_distributed(strategy) else None
     steps_per_epoch = cfg.num_examples // cfg.batch_size
-    train_data = pipelines.multicrop_dataset(
-        source, model.epoch, cfg.image_size, cfg.global_crops, cfg.global_crop_scale,
-        cfg.local_crops,
-        cfg.local_crop_size, cfg.local_crop_scale, cfg.crop_ratio, cfg.batch_size,
-        steps_per_epoch, cfg.seed, cfg.color_jitter, cfg.blur)
+
+    def training_data(batch_size: int, shard: tuple = (1, 0)) -> tf.data.Dataset:
+        batches = steps_per_epoch * cfg.batch_size // (batch_size * shard[0])
+        return pipelines.multicrop_dataset(
+            source, model.epoch, cfg.image_size, cfg.global_crops, cfg.global_crop_scale,
+            cfg.local_crops, cfg.local_crop_size, cfg.local_crop_scale, cfg.crop_ratio,
+            batch_size, batches, cfg.seed, cfg.color_jitter, cfg.blur, shard=shard)
+    train_data = (distribute.per_worker_datasets(strategy, training_data, cfg.batch_size)
+                  if distributed else training_data(cfg.batch_size))
     labeller = PrototypeCallback(
         tf.function(lambda images: model(images, training=False)),
         lambda: pipelines.feature_dataset(source, cfg.resize_size, cfg.image_size,
                                           feature_batch_size(cfg.batch_size)),
-        cfg.num_prototypes, cfg.kmeans_iters, cfg.seed, model_dir, source.labels)
+        cfg.num_prototypes, cfg.kmeans_iters, cfg.seed, model_dir, source.labels,
+        strategy=distributed)
     labeller.resume(initial_epoch)
     saver = CheckpointCallback(checkpoint)
-    callbacks = [labeller, ClusterMontageCallback(source, model_dir, cfg.seed),
+    callbacks = [labeller,
+                 *([ClusterMontageCallback(source, model_dir, cfg.seed)] if chief else []),
                  RunLogger(model_dir, labeller, cfg.batch_size, steps_per_epoch),
                  saver]
     if initial_epoch < cfg.epochs:
@@ -274,8 +283,13 @@ def _train_v2(cfg: config.TrainConfig, source: data.Source, model: DeepClusterV2
                   callbacks=callbacks, shuffle=False, verbose=2)
     if not _finished(cfg, source, saver, checkpoint, labeller, model_dir):
         return
-    final = (FinalClustering.load(model_dir, cfg.epochs)
-             or labeller.cluster_final(cfg.epochs))
+    final = FinalClustering.load(model_dir, cfg.epochs)
+    # Every worker syncs the chief's statistics (a collective) when the chief clusters.
+    if not distribute.from_chief(strategy, int(final is not None)):
+        final = labeller.cluster_final(cfg.epochs)
+    if not chief:
+        logging.info("worker done: the chief exports to %s/export", cfg.model_dir)
+        return
     path = export_saved_model(model.export_network(), os.path.join(model_dir, "export"),
                               cfg.image_size, cfg.channels, models.min_image_size(cfg.arch),
                               "embedding", final)

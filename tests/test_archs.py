@@ -63,3 +63,24 @@ def test_baselines_random_export_and_supervised_training(smoke_config):
     assert row["nmi_labels"] is None and np.isfinite(row["loss"])
     labels = np.load(os.path.join(cfg.model_dir, "assignments", "epoch_0000.npy"))
     np.testing.assert_array_equal(labels, data.open_source("fashion_mnist", "", 512).labels)
+
+
+def test_resnet50_v2_flagfile_trains_and_exports(jpeg_folder, tmp_path):
+    """The ImageNet DeepCluster-v2 recipe unchanged but for the data, sizes and one device:
+    colour crops with every distortion, local crops of another size, LARC, the warm-up and
+    cosine, bfloat16."""
+    cfg = config_from_flagfile(
+        "resnet50_v2.cfg", f"--dataset=folder:{jpeg_folder}", f"--model_dir={tmp_path}/run",
+        "--strategy=default", "--image_size=64", "--resize_size=72", "--local_crop_size=32",
+        "--local_crops=2", "--num_prototypes=3,4", "--projection_dims=32,8", "--batch_size=4",
+        "--epochs=2", "--warmup_epochs=1", "--learning_rate=0.5", "--final_learning_rate=0.005")
+    assert cfg.lars and cfg.blur and cfg.color_jitter == 1.0 and cfg.mixed_precision
+    cfg = train.run(cfg)
+    rows = [json.loads(line) for line in open(f"{cfg.model_dir}/metrics.jsonl")]
+    assert [r["epoch"] for r in rows] == [0, 1]
+    assert all(np.isfinite(r["loss"]) for r in rows)
+    # 3 steps per epoch: the rate at the end of epoch 0 is the peak, at the end the final one.
+    np.testing.assert_allclose([r["learning_rate"] for r in rows], [0.5, 0.005], rtol=1e-4)
+    serve = tf.saved_model.load(f"{cfg.model_dir}/export").signatures["serving_default"]
+    out = serve(images=tf.zeros((2, 64, 64, 3), tf.uint8))
+    assert tuple(out["pool"].shape[1:]) == (2048,) and tuple(out["embedding"].shape[1:]) == (8,)

@@ -21,6 +21,7 @@ from conftest import ROOT
 
 TIMEOUT_S = 300
 SMALL = ("--flagfile=flags/smoke.cfg", "--max_examples=256")
+SMALL_V2 = ("--flagfile=flags/smoke_v2.cfg", "--max_examples=256")
 # Two logical CPU devices, then the training entry point with the rest of the command line.
 MIRRORED_DRIVER = """
 import sys
@@ -81,10 +82,10 @@ def mirrored(tmp_path_factory):
     return model_dir, log
 
 
-def _train_two_workers(model_dir, *args):
+def _train_two_workers(model_dir, *args, small=SMALL):
     """Runs two workers on 127.0.0.1 to the end; returns their logs [chief, worker]."""
     cluster = {"worker": [f"127.0.0.1:{port}" for port in _free_ports(2)]}
-    cmd = [sys.executable, "-m", "dc_tf.train", *SMALL, "--strategy=multi_worker",
+    cmd = [sys.executable, "-m", "dc_tf.train", *small, "--strategy=multi_worker",
            f"--model_dir={model_dir}", *args]
     procs = [subprocess.Popen(
         cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
@@ -155,6 +156,49 @@ def test_the_first_clustering_is_the_same_whatever_the_sharding(mirrored, multi_
     """Epoch 0 clusters the seeded initial network's features: two replicas in one process and
     two workers shard the feature pass alike, and gather the same rows in the same order."""
     np.testing.assert_array_equal(_assignment(mirrored[0], 0), _assignment(multi_worker[0], 0))
+
+
+def _bank(model_dir):
+    import tensorflow as tf
+    return tf.train.load_variable(str(model_dir / "checkpoints"),
+                                  "model/bank/.ATTRIBUTES/VARIABLE_VALUE")
+
+
+def _check_v2_run(model_dir):
+    rows = _metrics(model_dir)
+    assert [r["epoch"] for r in rows] == [0, 1]
+    assert all(np.isfinite(r["loss"]) and r["steps"] == 4 for r in rows), rows
+    for epoch in (0, 1):
+        labels = _assignment(model_dir, epoch)
+        assert labels.shape == (256,) and labels.min() >= 0 and labels.max() < 10
+    # Every replica's rows reached the bank: the first filling writes one embedding into both
+    # slots of a row, training two different crops, so no row may still hold equal slots.
+    bank = _bank(model_dir)
+    np.testing.assert_allclose(np.linalg.norm(bank, axis=2), 1.0, atol=1e-4)
+    assert (np.abs(bank[:, 0] - bank[:, 1]).max(axis=1) > 1e-4).all()
+    _check_export(model_dir / "export")
+
+
+def test_deepcluster_v2_trains_mirrored_on_two_logical_cpus(tmp_path):
+    model_dir = tmp_path / "run"
+    log = _run([sys.executable, "-c", MIRRORED_DRIVER, *SMALL_V2, "--epochs=2",
+                "--strategy=mirrored", f"--model_dir={model_dir}"], _env())
+    assert "strategy: 2 replicas (MirroredStrategy" in log
+    _check_v2_run(model_dir)
+
+
+def test_deepcluster_v2_trains_on_two_workers_with_the_chiefs_prototypes(tmp_path):
+    model_dir = tmp_path / "run"
+    _train_two_workers(model_dir, "--epochs=1", small=SMALL_V2)
+    chief_log, worker_log = _train_two_workers(model_dir, "--epochs=2", small=SMALL_V2)
+    assert f"resumed from {model_dir}/checkpoints/ckpt-1 (1 epochs done)" in worker_log
+    _check_v2_run(model_dir)
+    scratch = model_dir / "workertemp_1"
+    for epoch in (0, 1):
+        np.testing.assert_array_equal(_assignment(scratch, epoch), _assignment(model_dir, epoch),
+                                      err_msg=f"epoch {epoch}")
+    np.testing.assert_array_equal(_bank(scratch), _bank(model_dir))
+    assert not (scratch / "export").exists()
 
 
 @pytest.mark.parametrize("tf_config, why", [

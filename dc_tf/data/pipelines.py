@@ -102,7 +102,7 @@ def _per_epoch(epoch: tf.Variable, one_epoch, steps: int) -> tf.data.Dataset:
 def multicrop_dataset(source: Source, epoch: tf.Variable, image_size: int, global_crops: int,
                       global_scale: tuple, local_crops: int, local_size: int, local_scale: tuple, crop_ratio: tuple,
                       batch_size: int, steps: int, seed: int, color_jitter: float = 0.0,
-                      blur: bool = False) -> tf.data.Dataset:
+                      blur: bool = False, shard: tuple = (1, 0)) -> tf.data.Dataset:
     """One epoch of `steps` batches of multi-crop views (DeepCluster-v2, docs/protocols.md §9).
 
     Every example once per epoch, in an order keyed by (seed, epoch); each image is decoded once
@@ -111,7 +111,8 @@ def multicrop_dataset(source: Source, epoch: tf.Variable, image_size: int, globa
     flipped, colour-distorted with strength `color_jitter` (0: not at all; see
     `transforms.color_distortion`) and, with `blur`, blurred with probability 0.5 by a Gaussian
     of 0.1-2 px per 224 px of the view's side; all drawn by stateless ops keyed by the seed, the
-    epoch and the image's place in the stream, as `training_dataset`.
+    epoch and the image's place in the stream, as `training_dataset`; `shard` too is
+    `training_dataset`'s (each pipeline decodes its share of the epoch's order).
 
     Yields:
       (tuple of global_crops + local_crops float32 [B, s, s, C] views, global ones first),
@@ -152,7 +153,11 @@ def multicrop_dataset(source: Source, epoch: tf.Variable, image_size: int, globa
                                                 blur_seed)
             return crop
 
-        ds = ds.enumerate().map(load, num_parallel_calls=AUTOTUNE).ignore_errors()
+        # Positions before sharding: an image's views do not depend on the worker count.
+        ds = ds.enumerate()
+        if shard[0] > 1:
+            ds = ds.shard(*shard)
+        ds = ds.map(load, num_parallel_calls=AUTOTUNE).ignore_errors()
         return ds.batch(batch_size, drop_remainder=True).take(steps)
 
     return _per_epoch(epoch, one_epoch, steps)

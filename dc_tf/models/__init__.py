@@ -31,7 +31,8 @@ def _check_arch(arch: str) -> None:
 
 def build_backbone(arch: str, image_size: int, channels: int, sobel: bool,
                    mean: tuple[float, ...], std: tuple[float, ...],
-                   seed: int | None = None, dropout: bool = True) -> keras.Model:
+                   seed: int | None = None, dropout: bool = True,
+                   any_size: bool = False) -> keras.Model:
     """Builds the backbone `arch` as a functional model named `arch`.
 
     Args:
@@ -45,6 +46,8 @@ def build_backbone(arch: str, image_size: int, channels: int, sobel: bool,
         dropout: keep the architecture's dropout layers (DeepCluster); False leaves them out
             (DeepCluster-v2, whose memory bank wants the embedding without dropout noise). The
             network at inference is the same either way.
+        any_size: take inputs of any height and width (DeepCluster-v2's local crops of another
+            size than image_size); only for architectures without fully connected layers.
 
     Returns:
         keras.Model: float32 [B, image_size, image_size, channels] -> dict of endpoints
@@ -61,16 +64,23 @@ def build_backbone(arch: str, image_size: int, channels: int, sobel: bool,
         if len(values) not in (1, channels):
             raise ValueError(f"{flag} has {len(values)} values for {channels}-channel images; "
                              f"give 1 value or {channels}")
-    inputs = keras.Input((image_size, image_size, channels), dtype="float32", name="image")
+    if any_size and arch != "resnet50":
+        raise ValueError(f"--arch={arch} ends in fully connected layers that take "
+                         f"{image_size}x{image_size} inputs only")
+    side = None if any_size else image_size
+    inputs = keras.Input((side, side, channels), dtype="float32", name="image")
     return build(inputs, tuple(mean), tuple(std), sobel, seed, dropout)
 
 
 def backbone_of(cfg, seed: int | None = None) -> keras.Model:
     """The backbone of a training run's config (a TrainConfig with its data filled in): seeded
-    by cfg.seed unless `seed` is given; DeepCluster-v2's without dropout."""
+    by cfg.seed unless `seed` is given; DeepCluster-v2's without dropout, and of any input size
+    when its local crops have another size than the global ones."""
+    v2 = cfg.method == "deepcluster_v2"
     return build_backbone(cfg.arch, cfg.image_size, cfg.channels, cfg.sobel, cfg.mean, cfg.std,
-                          seed=cfg.seed if seed is None else seed,
-                          dropout=cfg.method == "deepcluster")
+                          seed=cfg.seed if seed is None else seed, dropout=not v2,
+                          any_size=v2 and cfg.local_crops > 0
+                          and cfg.local_crop_size != cfg.image_size)
 
 
 def min_image_size(arch: str) -> int:
