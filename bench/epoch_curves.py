@@ -58,7 +58,7 @@ def main():
     args = parser.parse_args()
     runs = {}
     for spec in args.run:
-        name, sep, model_dir = spec.partition("=")
+        name, sep, model_dir = spec.rpartition("=")
         if not sep:
             parser.error(f"--run={spec}: give NAME=MODEL_DIR")
         runs[name] = read_run(model_dir)
