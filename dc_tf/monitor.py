@@ -83,7 +83,8 @@ class RunLogger(keras.callbacks.Callback):
                "skipped_images": int(len(self.recluster.skipped)),
                "steps": self._steps, "time_train_s": seconds,
                "train_images_per_s": self._steps * self.batch_size / seconds,
-               "learning_rate": float(self.model.optimizer.learning_rate)}
+               "learning_rate": float(tf.convert_to_tensor(
+                   self.model.optimizer.learning_rate))}  # a variable, mirrored or not
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
         failpoints.reach("epoch.logged")

@@ -210,19 +210,31 @@ def _train(cfg: config.TrainConfig, source: data.Source, backbone: keras.Model,
         return
 
     # ---------------------------------------------------------------- final clustering, export
-    final = None
-    if not cfg.supervised:
-        final = FinalClustering.load(model_dir, cfg.epochs)
-        # Every worker takes part in the (collective) feature pass when the chief runs one.
-        if not distribute.from_chief(strategy, int(final is not None)):
-            final = labeller.cluster_final(cfg.epochs)
-    if not chief:
+    final = None if cfg.supervised else _final_clustering(cfg, strategy, labeller, model_dir)
+    _export(cfg, strategy, backbone, cluster_endpoint, final, model_dir)
+
+
+def _final_clustering(cfg: config.TrainConfig, strategy: tf.distribute.Strategy, labeller,
+                      model_dir: str) -> FinalClustering:
+    """The clustering of the trained network: the one a previous run saved, else a new one."""
+    final = FinalClustering.load(model_dir, cfg.epochs)
+    # Every worker takes part in the labeller's collectives (feature pass, statistics) when the
+    # chief clusters anew.
+    if not distribute.from_chief(strategy, int(final is not None)):
+        final = labeller.cluster_final(cfg.epochs)
+    return final
+
+
+def _export(cfg: config.TrainConfig, strategy: tf.distribute.Strategy, network: keras.Model,
+            assign_endpoint: str, final: Optional[FinalClustering], model_dir: str) -> None:
+    """The chief exports `network` (its `assign` signature reads `assign_endpoint`)."""
+    if not distribute.is_chief(strategy):
         logging.info("worker done: the chief exports to %s/export", cfg.model_dir)
         return
-    path = export_saved_model(backbone, os.path.join(model_dir, "export"), cfg.image_size,
-                              cfg.channels, models.min_image_size(cfg.arch), cluster_endpoint,
+    path = export_saved_model(network, os.path.join(model_dir, "export"), cfg.image_size,
+                              cfg.channels, models.min_image_size(cfg.arch), assign_endpoint,
                               final)
-    logging.info("exported the backbone to %s", path)
+    logging.info("exported %s to %s", ", ".join(sorted(network.output)), path)
 
 
 def _finished(cfg: config.TrainConfig, source: data.Source, saver: CheckpointCallback,
@@ -283,17 +295,8 @@ def _train_v2(cfg: config.TrainConfig, source: data.Source, model: DeepClusterV2
                   callbacks=callbacks, shuffle=False, verbose=2)
     if not _finished(cfg, source, saver, checkpoint, labeller, model_dir):
         return
-    final = FinalClustering.load(model_dir, cfg.epochs)
-    # Every worker syncs the chief's statistics (a collective) when the chief clusters.
-    if not distribute.from_chief(strategy, int(final is not None)):
-        final = labeller.cluster_final(cfg.epochs)
-    if not chief:
-        logging.info("worker done: the chief exports to %s/export", cfg.model_dir)
-        return
-    path = export_saved_model(model.export_network(), os.path.join(model_dir, "export"),
-                              cfg.image_size, cfg.channels, models.min_image_size(cfg.arch),
-                              "embedding", final)
-    logging.info("exported the backbone and its embedding to %s", path)
+    _export(cfg, strategy, model.export_network(), "embedding",
+            _final_clustering(cfg, strategy, labeller, model_dir), model_dir)
 
 
 def main(argv):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import config_from_flagfile
+from conftest import ROOT, config_from_flagfile
 from dc_tf import clustering, config, models, optim
 from dc_tf.data import pipelines, transforms
 from dc_tf.data.sources import ArraySource
@@ -142,15 +142,21 @@ def test_fit_two_epochs_of_v2_writes_the_model_dir_layout(trained_v2):
 
 
 def test_resumed_v2_run_is_the_uninterrupted_one(trained_v2, tmp_path):
-    """Bank, prototypes, assignments and the optimizer come back from the checkpoint: one epoch
-    and a resume give the two-epoch run bit for bit."""
+    """Bank, prototypes, assignments, the optimizer and the schedule's step come back from the
+    checkpoint: a run killed after its first checkpoint and run again gives the uninterrupted
+    run bit for bit."""
     from dc_tf import train
     resumed = str(tmp_path / "resumed")
-    train.run(config_from_flagfile("smoke_v2.cfg", f"--model_dir={resumed}", "--epochs=1"))
+    killed = subprocess.run(
+        [sys.executable, "-m", "dc_tf.train", "--flagfile=flags/smoke_v2.cfg",
+         f"--model_dir={resumed}"], cwd=ROOT, capture_output=True, text=True,
+        env={**os.environ, "DC_TF_FAILPOINT": "checkpoint.saved:1"})
+    assert killed.returncode == -9, killed.stderr[-2000:]
     names = {name for name, _ in tf.train.list_variables(os.path.join(resumed, "checkpoints"))}
     for variable in ("bank", "assignments", "prototypes_0", "prototypes_1"):
         assert f"model/{variable}/.ATTRIBUTES/VARIABLE_VALUE" in names, variable
-    train.run(config_from_flagfile("smoke_v2.cfg", f"--model_dir={resumed}", "--epochs=2"))
+    assert [r["epoch"] for r in _metrics(resumed)] == [0]
+    train.run(config_from_flagfile("smoke_v2.cfg", f"--model_dir={resumed}"))
     for name in ("epoch_0000.npy", "epoch_0001.npy", "final.npy"):
         np.testing.assert_array_equal(np.load(os.path.join(resumed, "assignments", name)),
                                       np.load(os.path.join(trained_v2.model_dir, "assignments",
