@@ -20,7 +20,7 @@ import numpy as np
 import tensorflow as tf
 from absl import app, flags, logging
 
-from dc_tf import data
+from dc_tf import data, fileio
 from dc_tf.data import pipelines, transforms
 
 
@@ -50,7 +50,7 @@ def assign_images(model: str, dataset: str, output: str, batch_size: int = 256) 
     ds = pipelines.feature_dataset(source, _resize_size(model, size), size, batch_size)
     bar = keras.utils.Progbar(source.num_examples, unit_name="image")
     seen = np.zeros(source.num_examples, bool)
-    with open(output, "w", newline="", encoding="utf-8") as f:
+    with fileio.atomic_open(output, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(["file", "cluster", "distance"])
         for images, indices, _ in ds:

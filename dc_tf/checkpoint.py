@@ -1,21 +1,111 @@
 """Checkpoints of everything a run needs to resume, written at the end of every good epoch."""
 
 import math
+import os
+import re
 import signal
+import time
+from typing import Optional
 
 import keras
 import tensorflow as tf
 from absl import logging
 
-from dc_tf import failpoints
+from dc_tf import failpoints, fileio
+
+# The files of checkpoint N (RunCheckpoint.save numbers each by its completed epochs).
+_CHECKPOINT_FILE = re.compile(r"ckpt-(\d+)\.(?:index|data-\d+-of-\d+)")
+
+
+def checkpoint_numbers(directory: str) -> list:
+    """The numbers of the checkpoints that have files in `directory`, newest first, whether or
+    not they load."""
+    names = os.listdir(directory) if os.path.isdir(directory) else []
+    return sorted({int(m.group(1)) for m in map(_CHECKPOINT_FILE.fullmatch, names) if m},
+                  reverse=True)
+
+
+def _load_error(path: str) -> Optional[str]:
+    """Why the checkpoint at `path` does not load (None: every tensor reads back, checksums
+    included)."""
+    try:
+        reader = tf.train.load_checkpoint(path)
+        for name in reader.get_variable_to_shape_map():
+            reader.get_tensor(name)
+    # A truncated data file raises IndexError from the reader's bindings, not an OpError.
+    except (tf.errors.OpError, IndexError) as e:
+        return " ".join(str(getattr(e, "message", e)).split())[:200]
+    return None
+
+
+def _indexed(directory: str) -> Optional[str]:
+    """The checkpoint the `checkpoint` index file names as the latest (None: no index, or one
+    that does not parse)."""
+    try:
+        state = tf.train.get_checkpoint_state(directory)
+    except (tf.errors.OpError, ValueError):  # bytes that are not UTF-8
+        return None
+    return None if state is None else state.model_checkpoint_path
+
+
+def newest_that_loads(directory: str) -> Optional[str]:
+    """The newest checkpoint in `directory` that loads whole, or None.
+
+    Found from the checkpoint files themselves, not only from the `checkpoint` index, which a
+    garbled or lost index would make skip every checkpoint; every tensor is read back first, so
+    that a truncated newest checkpoint gives way to the one before it instead of failing the
+    restore halfway. Logs which one is taken and why, when it is not simply the indexed one.
+    """
+    failures = []
+    for number in checkpoint_numbers(directory):
+        path = os.path.join(directory, f"ckpt-{number}")
+        error = _load_error(path)
+        if error is not None:
+            failures.append(f"ckpt-{number} does not load ({error})")
+            continue
+        if failures:
+            logging.warning("%s: resuming from ckpt-%d", "; ".join(failures), number)
+        elif _indexed(directory) != path:
+            logging.warning("%s does not name ckpt-%d (it is missing, garbled or stale): "
+                            "resuming from ckpt-%d, the newest checkpoint file",
+                            os.path.join(directory, "checkpoint"), number, number)
+        return path
+    if failures:
+        logging.warning("%s: no checkpoint to resume from", "; ".join(failures))
+    return None
+
+
+def completed_epochs(path: str) -> int:
+    """The number of completed epochs the checkpoint at `path` holds."""
+    reader = tf.train.load_checkpoint(path)
+    return int(reader.get_tensor("epochs_done/.ATTRIBUTES/VARIABLE_VALUE"))
+
+
+def repair_index(directory: str, path: str) -> None:
+    """Makes the `checkpoint` index name `path` as the latest, after the checkpoints before it,
+    when it names another one or cannot be read: the CheckpointManager takes its list from the
+    index, to delete the oldest checkpoints (and fails on an index that is not UTF-8)."""
+    if _indexed(directory) == path:
+        return
+    number = int(path.rsplit("-", 1)[1])
+    kept = [n for n in reversed(checkpoint_numbers(directory)) if n <= number]
+    # The CheckpointState text format, paths relative to `directory` as the manager writes
+    # them; the manager deletes only checkpoints with a timestamp.
+    now = time.time()
+    fileio.atomic_write(os.path.join(directory, "checkpoint"), "".join(
+        [f'model_checkpoint_path: "ckpt-{number}"\n']
+        + [f'all_model_checkpoint_paths: "ckpt-{n}"\n' for n in kept]
+        + [f"all_model_checkpoint_timestamps: {now}\n" for _ in kept]))
 
 
 class RunCheckpoint:
     """The model (backbone, top layer, pseudo-labels, sampler state, random generators), both
     optimizers and the number of completed epochs, under `directory` via tf.train.CheckpointManager.
 
-    The manager writes the checkpoint files first and the `checkpoint` index last, so a run
-    killed while saving resumes from the previous complete checkpoint.
+    The manager writes the checkpoint files first and the `checkpoint` index last, and
+    `restore` takes the newest checkpoint whose files load whatever the index says, so a run
+    killed while saving, or one whose newest checkpoint or index is damaged, resumes from the
+    newest complete checkpoint.
 
     Args:
       model: the compiled DeepClusterModel.
@@ -27,6 +117,7 @@ class RunCheckpoint:
 
     def __init__(self, model: keras.Model, directory: str, max_to_keep: int = 2,
                  restore_from: str = ""):
+        self.model = model
         self._restore_from = restore_from
         self.epochs_done = tf.Variable(0, dtype=tf.int64, trainable=False)
         # Keras's SeedGenerator states (dropout masks, the top layer's re-initialisations) are
@@ -41,10 +132,10 @@ class RunCheckpoint:
                                          **head)
         self._manager = tf.train.CheckpointManager(self._ckpt, directory, max_to_keep=max_to_keep)
 
-    def restore(self) -> int:
-        """Restores the latest checkpoint if any; returns the number of completed epochs."""
-        path = (tf.train.latest_checkpoint(self._restore_from) if self._restore_from
-                else self._manager.latest_checkpoint)
+    def restore(self, path: Optional[str] = None) -> int:
+        """Restores `path`, by default the newest checkpoint that loads (`newest_that_loads`);
+        returns the number of completed epochs (0: nothing to restore)."""
+        path = path or newest_that_loads(self._restore_from or self._manager.directory)
         if path is None:
             return 0
         self._ckpt.restore(path).assert_existing_objects_matched()

@@ -16,6 +16,8 @@ import sys
 import numpy as np
 from absl import app, flags
 
+from dc_tf.fileio import from_printable
+
 
 def load_assignment(model_dir: str, epoch: str = "final") -> np.ndarray:
     """int32 [N] cluster of every example after `epoch` ("final", or an epoch number)."""
@@ -78,9 +80,10 @@ def export_links(model_dir: str, assignment: np.ndarray, sources: list, out_dir:
             continue
         folder = os.path.join(out_dir, f"cluster_{int(c):0{width}d}")
         os.makedirs(folder, exist_ok=True)
-        link = os.path.join(folder, f"{i}_{os.path.basename(sources[i])}")
+        path = from_printable(sources[i])  # examples.tsv escapes names that are not UTF-8
+        link = os.path.join(folder, f"{i}_{os.path.basename(path)}")
         if not os.path.lexists(link):
-            os.symlink(os.path.join(root, sources[i]), link)
+            os.symlink(os.path.join(root, path), link)
         made += 1
     return made
 

@@ -7,6 +7,10 @@ the frozen object. Field names equal flag names.
 
 import dataclasses
 import json
+import math
+import os
+import tempfile
+from typing import Optional
 
 # DeepCluster (Caron et al. 2018) or its successor DeepCluster-v2 (docs/protocols.md §9).
 METHODS = ("deepcluster", "deepcluster_v2")
@@ -18,6 +22,10 @@ KMEANS_MODES = ("exact", "two_level", "shortlist")
 # "default": one device; "mirrored": tf.distribute.MirroredStrategy over the local devices;
 # "multi_worker": MultiWorkerMirroredStrategy, the cluster read from TF_CONFIG.
 STRATEGIES = ("default", "mirrored", "multi_worker")
+# Image sides above this would ask for gigabytes per batch before any useful work.
+MAX_IMAGE_SIZE = 2048
+# Seeds reach FAISS as a C int (k-means of epoch t uses seed + t) and Keras as a 32-bit value.
+MAX_SEED = 2**31 - 1
 # What may differ between a model_dir's run and the command resuming it (the folder's own path
 # may be spelled differently: relative, absolute, through a link).
 RESUMABLE_CHANGES = ("epochs", "learning_rate", "model_dir", "jit_compile", "mixed_precision",
@@ -124,6 +132,17 @@ def _fail(flag: str, value, why: str) -> None:
 
 def validate(cfg: TrainConfig) -> TrainConfig:
     """Rejects values no run could use, naming the flag and the fix. Returns cfg unchanged."""
+    for field in dataclasses.fields(cfg):
+        value = getattr(cfg, field.name)
+        values = value if isinstance(value, tuple) else (value,)
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            _fail(field.name, ",".join(map(str, values)), "must be a finite number")
+    if not 0 <= cfg.seed <= MAX_SEED - cfg.epochs - 1:
+        _fail("seed", cfg.seed, f"needs 0 <= seed < {MAX_SEED - cfg.epochs} (2**31 - 1 - "
+              f"--epochs={cfg.epochs}): the k-means seeds of the epochs count up from it")
+    for name in ("image_size", "resize_size", "local_crop_size"):
+        if getattr(cfg, name) > MAX_IMAGE_SIZE:
+            _fail(name, getattr(cfg, name), f"above {MAX_IMAGE_SIZE} px; lower it")
     if cfg.method not in METHODS:
         _fail("method", cfg.method, f"choose one of {', '.join(METHODS)}")
     if cfg.arch not in ARCHS:
@@ -214,31 +233,56 @@ def _validate_v2(cfg: TrainConfig) -> None:
               "needs 0 < trust < 1 (DeepCluster-v2: 0.001)")
 
 
-def check_against_data(cfg: TrainConfig, feature_dim: int) -> None:
-    """Checks what depends on the opened dataset and the built network, before any work."""
-    n = cfg.num_examples
+def check_model_dir(model_dir: str) -> None:
+    """Refuses a --model_dir that is not a folder or cannot be created or written, before any
+    data is read. Creates nothing: it writes (and removes) a scratch folder in model_dir, or in
+    the nearest existing folder above it that a run would create model_dir in."""
+    path = os.path.abspath(model_dir)
+    existing = path
+    while not os.path.isdir(existing):
+        if os.path.lexists(existing):
+            _fail("model_dir", model_dir, f"{existing} is a file, not a folder; choose another "
+                  "--model_dir")
+        existing = os.path.dirname(existing)
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".dc_tf_write_test_", dir=existing))
+    except OSError as e:
+        _fail("model_dir", model_dir, f"cannot {'write in' if existing == path else 'create'} "
+              f"it ({e.strerror} in {existing}); choose a writable --model_dir")
+
+
+def check_against_data(cfg: TrainConfig, feature_dim: Optional[int],
+                       readable: Optional[int] = None) -> None:
+    """Checks what depends on the opened dataset and the built network, before any work, and
+    again once the first pass over the data has found how many images decode (`readable`; the
+    clustering feature's width `feature_dim` is then already checked: None). Every problem
+    found goes into one message."""
+    n = cfg.num_examples if readable is None else readable
+    images = f"the {n} {'' if readable is None else 'readable '}images of --dataset={cfg.dataset}"
+    problems = []
+
+    def problem(flag: str, value, why: str):
+        problems.append(f"--{flag}={value}: {why}")
+
+    if cfg.batch_size > n:
+        problem("batch_size", cfg.batch_size, f"exceeds {images}; lower it")
     if cfg.method == "deepcluster_v2":
         if max(cfg.num_prototypes) > n:
-            _fail("num_prototypes", ",".join(map(str, cfg.num_prototypes)),
-                  f"a head has more prototypes than the {n} images of --dataset={cfg.dataset}; "
-                  "lower it")
-        if cfg.batch_size > n:
-            _fail("batch_size", cfg.batch_size, f"exceeds the {n} images of "
-                  f"--dataset={cfg.dataset}; lower it")
-        return
-    if cfg.num_clusters > n:
-        _fail("num_clusters", cfg.num_clusters,
-              f"exceeds the {n} images of --dataset={cfg.dataset}; lower it (over-clustering, "
-              "about 10x the number of classes, is the usual advice)")
-    if cfg.batch_size > n:
-        _fail("batch_size", cfg.batch_size, f"exceeds the {n} images of --dataset={cfg.dataset}; "
-              "lower it")
-    if cfg.pca_dim > feature_dim:
-        _fail("pca_dim", cfg.pca_dim, f"exceeds the {feature_dim}-d clustering feature of "
-              f"--arch={cfg.arch}; lower it, or 0 for no PCA")
-    if cfg.pca_dim > min(n, cfg.pca_sample):
-        _fail("pca_dim", cfg.pca_dim, "PCA needs at least as many images as dimensions but "
-              f"only {min(n, cfg.pca_sample)} are sampled; lower --pca_dim or add data")
+            problem("num_prototypes", ",".join(map(str, cfg.num_prototypes)),
+                    f"a head has more prototypes than {images}; lower it")
+    else:
+        if cfg.num_clusters > n:
+            problem("num_clusters", cfg.num_clusters,
+                    f"exceeds {images}; lower it (over-clustering, about 10x the number of "
+                    "classes, is the usual advice)")
+        if feature_dim is not None and cfg.pca_dim > feature_dim:
+            problem("pca_dim", cfg.pca_dim, f"exceeds the {feature_dim}-d clustering feature of "
+                    f"--arch={cfg.arch}; lower it, or 0 for no PCA")
+        elif cfg.pca_dim > min(n, cfg.pca_sample):
+            problem("pca_dim", cfg.pca_dim, "PCA needs at least as many images as dimensions "
+                    f"but only {min(n, cfg.pca_sample)} are sampled; lower --pca_dim or add data")
+    if problems:
+        raise ConfigError("; ".join(problems))
 
 
 def check_resumable(saved: TrainConfig, cfg: TrainConfig) -> None:

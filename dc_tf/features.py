@@ -9,7 +9,7 @@ computed, so memory is pca_sample x D + N x pca_dim floats plus bounded temporar
 
 import dataclasses
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import tensorflow as tf
@@ -47,7 +47,8 @@ class FeaturePass:
 
 def extract_features(infer, dataset: tf.data.Dataset, num_examples: int, pca_dim: int,
                      pca_sample: int, log_every_s: float = 30.0,
-                     strategy: Optional[tf.distribute.Strategy] = None) -> FeaturePass:
+                     strategy: Optional[tf.distribute.Strategy] = None,
+                     check_readable: Optional[Callable[[int], None]] = None) -> FeaturePass:
     """Runs `infer` over every batch and returns whitened, L2-normalised features by index.
 
     Args:
@@ -58,6 +59,9 @@ def extract_features(infer, dataset: tf.data.Dataset, num_examples: int, pca_dim
       pca_sample: number of leading examples of the stream the PCA is fitted on.
       strategy: shard every batch over this strategy's replicas (None: one device). Every
         worker of a multi-worker strategy must call it, and gets every row.
+      check_readable: called with the number of images that decoded, once all are read and
+        before a PCA is fitted on fewer than pca_sample of them; raises if the run cannot
+        use that few (`config.check_against_data`).
     """
     start = time.time()
     labels = np.full(num_examples, -1, np.int64)
@@ -122,6 +126,8 @@ def extract_features(infer, dataset: tf.data.Dataset, num_examples: int, pca_dim
                 last_log = time.time()
                 logging.info("features: %d/%d images (%.0f images/s)", seen, num_examples,
                              seen / (last_log - start))
+    if check_readable is not None:
+        check_readable(int(present.sum()))
     if sample is not None:  # unreadable examples left the stream shorter than the sample
         fit_sample()
     if out is None:

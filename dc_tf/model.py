@@ -271,6 +271,12 @@ class DeepClusterV2Model(keras.Model):
         return keras.Model(self.backbone.input, outputs, name=f"{self.backbone.name}_v2")
 
 
+def v2_steps_per_epoch(cfg: config.TrainConfig) -> int:
+    """Training steps of a DeepCluster-v2 epoch: every example once, the last partial batch
+    left out."""
+    return cfg.num_examples // cfg.batch_size
+
+
 def build_run_model(cfg: config.TrainConfig, backbone: keras.Model) -> keras.Model:
     """The compiled model of cfg.method on `backbone` (from `models.backbone_of(cfg)`), with the
     optimisers and every variable built, ready for a checkpoint to restore."""
@@ -281,7 +287,7 @@ def build_run_model(cfg: config.TrainConfig, backbone: keras.Model) -> keras.Mod
             cfg.temperature, cfg.weight_decay, seed=cfg.seed, global_crops=cfg.global_crops,
             lars_trust=cfg.lars_trust_coefficient if cfg.lars else None)
         model.compile(optimizer=keras.optimizers.SGD(
-            optim.learning_rate(cfg, cfg.num_examples // cfg.batch_size),
+            optim.learning_rate(cfg, v2_steps_per_epoch(cfg)),
             momentum=cfg.momentum), jit_compile=cfg.jit_compile)
         return model
     model = DeepClusterModel(backbone, head_endpoint, cfg.num_examples, cfg.num_clusters,

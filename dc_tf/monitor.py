@@ -4,34 +4,56 @@ import json
 import math
 import os
 import time
+from typing import Optional
 
 import keras
 import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from dc_tf import failpoints
+from dc_tf import failpoints, fileio
 from dc_tf.recluster import ReclusterCallback
 
 
-def truncate_metrics(path: str, before_epoch: int) -> None:
-    """Drops lines of epochs >= before_epoch (written by a run killed before its checkpoint),
-    and a last line cut short by a kill."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        rows = [line for line in f if line.strip()]
+def _epoch_of(line: bytes) -> Optional[int]:
+    """The epoch of a metrics.jsonl line (None: not a whole row: cut short or garbled)."""
+    try:
+        row = json.loads(line.decode("utf-8"))  # UnicodeDecodeError is a ValueError too
+    except ValueError:
+        return None
+    epoch = row.get("epoch") if isinstance(row, dict) else None
+    return epoch if isinstance(epoch, int) else None
 
-    def kept(line):
-        try:
-            return json.loads(line)["epoch"] < before_epoch
-        except json.JSONDecodeError:
-            return False
-    keep = [line for line in rows if kept(line)]
-    if len(keep) != len(rows):
-        with open(path + ".tmp", "w") as f:
-            f.writelines(keep)
-        os.replace(path + ".tmp", path)
+
+def _read_metrics(path: str) -> list:
+    """(line, epoch or None) for every line of metrics.jsonl; [] when there is none."""
+    if not os.path.exists(path):
+        return []
+    with open(path, "rb") as f:
+        return [(line, _epoch_of(line)) for line in f]
+
+
+def logged_epochs(path: str) -> list:
+    """The epochs of metrics.jsonl's whole rows, in file order."""
+    return [epoch for _, epoch in _read_metrics(path) if epoch is not None]
+
+
+def truncate_metrics(path: str, before_epoch: int) -> None:
+    """Keeps the rows of epochs before `before_epoch`: drops those of later epochs (written by
+    a run killed before their checkpoint, or trained after a checkpoint that no longer loads)
+    and, with a warning naming it, any line that is not a whole row (cut short by a kill, or
+    garbled), so that the next row starts a line of its own."""
+    rows = _read_metrics(path)
+    keep = []
+    for number, (line, epoch) in enumerate(rows, 1):
+        if epoch is None:
+            if line.strip():
+                logging.warning("%s line %d is not a metrics row, dropped: %r", path, number,
+                                line[:80])
+        elif epoch < before_epoch:
+            keep.append(line if line.endswith(b"\n") else line + b"\n")
+    if keep != [line for line, _ in rows]:
+        fileio.atomic_write(path, b"".join(keep))
 
 
 def _finite_or_none(value):

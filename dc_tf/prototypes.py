@@ -39,6 +39,8 @@ class PrototypeCallback(keras.callbacks.Callback):
       model_dir: where `assignments/epoch_NNNN.npy` (head 0) goes.
       ground_truth: int [N] labels for nmi_labels (-1 unknown), or None.
       strategy: the tf.distribute strategy the model lives in (None: one device).
+      check_readable: as in `extract_features`, for the bank's first filling and the final
+        embedding pass.
     After `on_epoch_begin`, `stats` holds the epoch's figures for the run logger: those of
     DeepCluster for head 0, and kmeans_loss_headH, empty_clusters_headH, nmi_labels_headH for
     every head.
@@ -47,7 +49,8 @@ class PrototypeCallback(keras.callbacks.Callback):
     def __init__(self, embed: Callable, feature_data: Callable[[], tf.data.Dataset],
                  num_prototypes: tuple, kmeans_iters: int, seed: int, model_dir: str,
                  ground_truth: Optional[np.ndarray],
-                 strategy: Optional[tf.distribute.Strategy] = None):
+                 strategy: Optional[tf.distribute.Strategy] = None,
+                 check_readable: Optional[Callable[[int], None]] = None):
         super().__init__()
         self.strategy = strategy
         self.embed, self.feature_data = embed, feature_data
@@ -58,6 +61,7 @@ class PrototypeCallback(keras.callbacks.Callback):
         self.previous: Optional[np.ndarray] = None
         self.stats: dict = {}
         self.skipped: np.ndarray = np.zeros(0, np.int64)
+        self.check_readable = check_readable
 
     def resume(self, epoch: int) -> None:
         """Picks up the assignment the run had before `epoch` (for nmi_prev after a restart)."""
@@ -66,7 +70,7 @@ class PrototypeCallback(keras.callbacks.Callback):
     def _embedding_pass(self, what):
         logging.info("%s: embedding pass over %d images", what, self.model.bank.shape[0])
         return extract_features(self.embed, self.feature_data(), self.model.bank.shape[0],
-                                pca_dim=0, pca_sample=0)
+                                pca_dim=0, pca_sample=0, check_readable=self.check_readable)
 
     def on_epoch_begin(self, epoch, logs=None):
         self.stats = empty_stats()
@@ -80,7 +84,9 @@ class PrototypeCallback(keras.callbacks.Callback):
         start = time.time()
         # A tensor epoch: a Python int would retrace the function every epoch.
         losses, empty = self._recluster(tf.constant(epoch, tf.int64))
-        if self.strategy is not None:
+        # One worker's assignment of mirrored copies reaches all of its replicas; other workers
+        # clustered on their own and take the chief's result.
+        if self.strategy is not None and distribute.is_multi_worker(self.strategy):
             distribute.sync_from_chief(self.strategy,
                                        [self.model.assignments, *self.model.prototypes])
         self.model.epoch.assign(epoch)  # the multi-crop stream of this epoch
@@ -149,6 +155,8 @@ class PrototypeCallback(keras.callbacks.Callback):
                                        self.model.backbone.non_trainable_variables
                                        + self.model.projection.non_trainable_variables)
         fp = self._embedding_pass("final")
+        if len(fp.missing):  # images that vanished since the bank's first filling too
+            self.skipped = fp.missing
         start = time.time()
         prototypes = self.model.prototypes[0].numpy()  # [d, k]
         scores = fp.features @ prototypes

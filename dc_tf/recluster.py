@@ -17,7 +17,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from dc_tf import clustering, distribute, failpoints
+from dc_tf import clustering, distribute, failpoints, fileio
 from dc_tf.features import FeaturePass, extract_features
 
 
@@ -32,11 +32,9 @@ def previous_assignment(model_dir: str, epoch: int) -> Optional[np.ndarray]:
 
 
 def save_array(path: str, array: np.ndarray) -> None:
-    """np.save through a temporary file, so a killed run never leaves half an array."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp.npy"
-    np.save(tmp, array)
-    os.replace(tmp, path)
+    """np.save, atomically (fileio): a killed run never leaves half an array."""
+    with fileio.atomic_open(path, "wb") as f:
+        np.save(f, array)
 
 
 class Clusterer:
@@ -103,9 +101,8 @@ class FinalClustering:
 
     def save(self, model_dir: str) -> None:
         save_array(os.path.join(model_dir, "assignments", "final.npy"), self.labels)
-        tmp = os.path.join(model_dir, "final_clustering.tmp.npz")
-        np.savez(tmp, **dataclasses.asdict(self))
-        os.replace(tmp, os.path.join(model_dir, "final_clustering.npz"))
+        with fileio.atomic_open(os.path.join(model_dir, "final_clustering.npz"), "wb") as f:
+            np.savez(f, **dataclasses.asdict(self))
 
     @classmethod
     def load(cls, model_dir: str, epochs: int) -> Optional["FinalClustering"]:
@@ -122,8 +119,8 @@ def save_final(model_dir: str, final: FinalClustering, figures: dict) -> None:
     """Writes the final clustering and its figures (final_clustering.json)."""
     # The figures first: a saved final clustering is reused on a re-run, so it must never
     # exist without its figures.
-    with open(os.path.join(model_dir, "final_clustering.json"), "w") as f:
-        json.dump(figures, f, indent=1)
+    fileio.atomic_write(os.path.join(model_dir, "final_clustering.json"),
+                        json.dumps(figures, indent=1))
     final.save(model_dir)
     failpoints.reach("final.saved")
     logging.info("final clustering: %s", figures)
@@ -172,6 +169,8 @@ class ReclusterCallback(keras.callbacks.Callback):
       strategy: the tf.distribute strategy the model lives in (None: one device). The feature
         pass is sharded over its replicas; only the chief clusters, and every worker assigns the
         chief's pseudo-labels and acceptance probabilities.
+      check_readable: as in `extract_features`; every feature pass checks how many images
+        decoded (files can vanish between epochs).
     After `on_epoch_begin`, `stats` holds the epoch's clustering figures for the run logger.
     """
 
@@ -179,13 +178,14 @@ class ReclusterCallback(keras.callbacks.Callback):
                  feature_data: Callable[[], tf.data.Dataset],
                  clusterer: Clusterer, num_examples: int, pca_dim: int, pca_sample: int,
                  model_dir: str, reassign: int,
-                 strategy: Optional[tf.distribute.Strategy] = None):
+                 strategy: Optional[tf.distribute.Strategy] = None,
+                 check_readable: Optional[Callable[[int], None]] = None):
         super().__init__()
         self.infer, self.refresh_infer = infer, refresh_infer
         self.feature_data, self.clusterer = feature_data, clusterer
         self.num_examples, self.pca_dim, self.pca_sample = num_examples, pca_dim, pca_sample
         self.model_dir, self.reassign = model_dir, reassign
-        self.strategy = strategy
+        self.strategy, self.check_readable = strategy, check_readable
         self.chief = strategy is None or distribute.is_chief(strategy)
         self.labels: Optional[np.ndarray] = None  # ground truth, learnt in the feature pass
         self.previous: Optional[np.ndarray] = None
@@ -215,7 +215,8 @@ class ReclusterCallback(keras.callbacks.Callback):
             distribute.sync_from_chief(self.strategy, self.model.backbone.non_trainable_variables)
         self.refresh_infer()
         return extract_features(self.infer, self.feature_data(), self.num_examples,
-                                self.pca_dim, self.pca_sample, strategy=self.strategy)
+                                self.pca_dim, self.pca_sample, strategy=self.strategy,
+                                check_readable=self.check_readable)
 
     def cluster_final(self, epochs: int) -> Optional[FinalClustering]:
         """Clusters the features of the trained network once more (after the last epoch), saves
@@ -224,6 +225,8 @@ class ReclusterCallback(keras.callbacks.Callback):
         A non-chief worker takes part in the (collective) feature pass only and returns None.
         """
         fp = self._feature_pass("final")
+        if len(fp.missing):  # images that vanished since the last epoch's pass too
+            self.skipped = fp.missing
         if not self.chief:
             return None
         start = time.time()

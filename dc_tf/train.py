@@ -25,7 +25,7 @@ from dc_tf import config, data, distribute, failpoints, models, optim, run_dir, 
 from dc_tf.checkpoint import CheckpointCallback, NonFiniteLossError, RunCheckpoint
 from dc_tf.data import pipelines
 from dc_tf.export import export_saved_model
-from dc_tf.model import DeepClusterV2Model, build_run_model
+from dc_tf.model import DeepClusterV2Model, build_run_model, v2_steps_per_epoch
 from dc_tf.monitor import RunLogger, truncate_metrics
 from dc_tf.prototypes import PrototypeCallback
 from dc_tf.recluster import (Clusterer, FinalClustering, FixedLabelsCallback,
@@ -55,6 +55,7 @@ def run(cfg: config.TrainConfig, overwrite: bool = False) -> config.TrainConfig:
     # ---------------------------------------------------------------- strategy, data and checks
     strategy = distribute.make_strategy(cfg.strategy)  # first: multi_worker sets up the runtime
     distribute.check_batch_size(strategy, cfg.batch_size)
+    config.check_model_dir(cfg.model_dir)  # before the data: loading it may take minutes
     source = data.open_source(cfg.dataset, cfg.data_dir, cfg.max_examples)
     labels = data.all_labels(source) if cfg.supervised else None
     classes = {"num_clusters": int(labels.max()) + 1} if cfg.supervised else {}
@@ -105,18 +106,19 @@ def _check_and_train(cfg: config.TrainConfig, source: data.Source, backbone: ker
     chief = distribute.is_chief(strategy)
     with run_dir.RunLock(distribute.write_dir(strategy, cfg.model_dir)):
         failpoints.reach("run.locked")
-        if chief:
-            run_dir.claim(cfg, overwrite)
+        resume_from = run_dir.claim(cfg, overwrite) if chief else None
         failpoints.reach("run.config_written")
         # A barrier: the other workers restore from MODEL_DIR once the chief has claimed it.
         distribute.from_chief(strategy, 0)
-        _train(cfg, source, backbone, cluster_endpoint, labels, strategy)
+        _train(cfg, source, backbone, cluster_endpoint, labels, strategy, resume_from)
 
 
 def _train(cfg: config.TrainConfig, source: data.Source, backbone: keras.Model,
            cluster_endpoint: str, labels: Optional[np.ndarray],
-           strategy: tf.distribute.Strategy) -> None:
-    """The run itself, in a claimed and locked model_dir (a scratch folder on other workers)."""
+           strategy: tf.distribute.Strategy, resume_from: Optional[str]) -> None:
+    """The run itself, in a claimed and locked model_dir (a scratch folder on other workers),
+    resumed from `resume_from`, the checkpoint the chief's claim chose; the other workers (None)
+    take the newest checkpoint that loads in the chief's folder, the same one."""
     chief = distribute.is_chief(strategy)
     distributed = strategy if distribute.is_distributed(strategy) else None
     model_dir = distribute.write_dir(strategy, cfg.model_dir)
@@ -141,7 +143,7 @@ def _train(cfg: config.TrainConfig, source: data.Source, backbone: keras.Model,
         checkpoint = RunCheckpoint(
             model, os.path.join(model_dir, "checkpoints"),
             restore_from="" if chief else os.path.join(cfg.model_dir, "checkpoints"))
-        initial_epoch = checkpoint.restore()
+        initial_epoch = checkpoint.restore(resume_from)
     chief_epoch = int(distribute.from_chief(strategy, initial_epoch))
     if chief_epoch != initial_epoch:
         raise config.ConfigError(
@@ -189,7 +191,8 @@ def _train(cfg: config.TrainConfig, source: data.Source, backbone: keras.Model,
             Clusterer(cfg.clustering, cfg.num_clusters, cfg.kmeans_iters, cfg.seed,
                       cfg.kmeans_mode),
             cfg.num_examples, cfg.pca_dim, cfg.pca_sample, model_dir, cfg.reassign,
-            strategy=distributed)
+            strategy=distributed,
+            check_readable=lambda n: config.check_against_data(cfg, None, readable=n))
         labeller.resume(initial_epoch)
     saver = CheckpointCallback(checkpoint)
     montage = not cfg.supervised and chief
@@ -210,19 +213,32 @@ def _train(cfg: config.TrainConfig, source: data.Source, backbone: keras.Model,
         return
 
     # ---------------------------------------------------------------- final clustering, export
-    final = None if cfg.supervised else _final_clustering(cfg, strategy, labeller, model_dir)
+    final = (None if cfg.supervised
+             else _final_clustering(cfg, strategy, labeller, source, model_dir))
     _export(cfg, strategy, backbone, cluster_endpoint, final, model_dir)
 
 
 def _final_clustering(cfg: config.TrainConfig, strategy: tf.distribute.Strategy, labeller,
-                      model_dir: str) -> FinalClustering:
-    """The clustering of the trained network: the one a previous run saved, else a new one."""
+                      source: data.Source, model_dir: str) -> FinalClustering:
+    """The clustering of the trained network: the one a previous run saved, else a new one
+    (whose pass over the images lists those that became unreadable after the last epoch's)."""
     final = FinalClustering.load(model_dir, cfg.epochs)
     # Every worker takes part in the labeller's collectives (feature pass, statistics) when the
     # chief clusters anew.
     if not distribute.from_chief(strategy, int(final is not None)):
         final = labeller.cluster_final(cfg.epochs)
+        if distribute.is_chief(strategy):
+            _list_skipped(source, labeller, model_dir)
     return final
+
+
+def _list_skipped(source: data.Source, labeller, model_dir: str) -> None:
+    """Writes skipped.tsv with the images the labeller's last pass could not read, if any."""
+    if len(labeller.skipped):
+        data.write_skipped(source, labeller.skipped, os.path.join(model_dir, "skipped.tsv"))
+        logging.warning("%d unreadable images were skipped (listed with the reason in "
+                        "%s/skipped.tsv), e.g. %s", len(labeller.skipped), model_dir,
+                        ", ".join(source.describe(int(i)) for i in labeller.skipped[:5]))
 
 
 def _export(cfg: config.TrainConfig, strategy: tf.distribute.Strategy, network: keras.Model,
@@ -240,7 +256,8 @@ def _export(cfg: config.TrainConfig, strategy: tf.distribute.Strategy, network: 
 def _finished(cfg: config.TrainConfig, source: data.Source, saver: CheckpointCallback,
               checkpoint: RunCheckpoint, labeller, model_dir: str) -> bool:
     """After fit(): raises on divergence, says how to continue after SIGTERM (False), lists the
-    skipped images; True when the run trained all its epochs."""
+    skipped images; True when the run trained all its epochs, with the labeller ready for the
+    final clustering."""
     if saver.diverged_at is not None:
         raise NonFiniteLossError(
             f"the loss became non-finite in epoch {saver.diverged_at}; the checkpoint of the last "
@@ -250,11 +267,10 @@ def _finished(cfg: config.TrainConfig, source: data.Source, saver: CheckpointCal
         logging.warning("stopped by SIGTERM: the checkpoint after epoch %d is saved; re-run the "
                         "same command to continue", int(checkpoint.epochs_done.numpy()) - 1)
         return False
-    if len(labeller.skipped):
-        data.write_skipped(source, labeller.skipped, os.path.join(model_dir, "skipped.tsv"))
-        logging.warning("%d unreadable images were skipped (listed with the reason in "
-                        "%s/skipped.tsv), e.g. %s", len(labeller.skipped), model_dir,
-                        ", ".join(source.describe(int(i)) for i in labeller.skipped[:5]))
+    _list_skipped(source, labeller, model_dir)
+    # fit() gives the callbacks their model, but a re-run with every epoch trained does not
+    # call it, and the labeller's final clustering needs the model.
+    labeller.set_model(checkpoint.model)
     return True
 
 
@@ -265,7 +281,7 @@ def _train_v2(cfg: config.TrainConfig, source: data.Source, model: DeepClusterV2
     final assignment to head 0's prototypes, export with the embedding (by the chief)."""
     chief = distribute.is_chief(strategy)
     distributed = strategy if distribute.is_distributed(strategy) else None
-    steps_per_epoch = cfg.num_examples // cfg.batch_size
+    steps_per_epoch = v2_steps_per_epoch(cfg)
 
     def training_data(batch_size: int, shard: tuple = (1, 0)) -> tf.data.Dataset:
         batches = steps_per_epoch * cfg.batch_size // (batch_size * shard[0])
@@ -280,7 +296,8 @@ def _train_v2(cfg: config.TrainConfig, source: data.Source, model: DeepClusterV2
         lambda: pipelines.feature_dataset(source, cfg.resize_size, cfg.image_size,
                                           feature_batch_size(cfg.batch_size)),
         cfg.num_prototypes, cfg.kmeans_iters, cfg.seed, model_dir, source.labels,
-        strategy=distributed)
+        strategy=distributed,
+        check_readable=lambda n: config.check_against_data(cfg, None, readable=n))
     labeller.resume(initial_epoch)
     saver = CheckpointCallback(checkpoint)
     callbacks = [labeller,
@@ -296,7 +313,7 @@ def _train_v2(cfg: config.TrainConfig, source: data.Source, model: DeepClusterV2
     if not _finished(cfg, source, saver, checkpoint, labeller, model_dir):
         return
     _export(cfg, strategy, model.export_network(), "embedding",
-            _final_clustering(cfg, strategy, labeller, model_dir), model_dir)
+            _final_clustering(cfg, strategy, labeller, source, model_dir), model_dir)
 
 
 def main(argv):
@@ -308,6 +325,12 @@ def main(argv):
     except (config.ConfigError, data.DatasetNotFoundError, NonFiniteLossError) as e:
         logging.error("%s", e)
         sys.exit(f"error: {e}")
+    except tf.errors.InvalidArgumentError as e:  # the data of an epoch ran short
+        message = pipelines.short_epoch(e)
+        if message is None:
+            raise
+        logging.error("%s", message)
+        sys.exit(f"error: {message}")
     except (OSError, tf.errors.OpError) as e:
         if not _disk_full(e):
             raise

@@ -1,6 +1,7 @@
 """The tf.data pipelines of a run: the ordered feature pass, DeepCluster's balanced training
 stream and DeepCluster-v2's multi-crop stream."""
 
+import re
 from typing import Optional
 
 import numpy as np
@@ -19,6 +20,13 @@ AUTOTUNE = tf.data.AUTOTUNE
 # (bench/RESULTS.md §8).
 _FIXED_PARALLELISM = tf.data.Options()
 _FIXED_PARALLELISM.autotune.enabled = False
+
+# The images a training epoch may read per image it trains on (DeepCluster-v2: its passes over
+# the examples). ignore_errors() drops the images that fail to decode: unbounded, an epoch whose
+# images mostly vanished since the feature pass would draw and fail forever without a word, and
+# one DeepCluster-v2 pass falls short of the epoch's steps on a folder with more unreadable
+# images than a batch's remainder.
+_READS_PER_IMAGE = 2
 
 
 def feature_dataset(source: Source, resize_size: int, image_size: int, batch_size: int,
@@ -68,7 +76,9 @@ def training_dataset(source: Source, labels: tf.Variable, accept: tf.Variable,
       shard: (number of input pipelines, this one's id): every pipeline draws the same accepted
         index stream and decodes only its share of it (tf.distribute, one pipeline per worker).
     Yields:
-      float32 [B, S, S, C] pixels in [0, 255], int32 [B] example indices.
+      float32 [B, S, S, C] pixels in [0, 255], int32 [B] example indices. Images that fail to
+      decode are dropped; an epoch reads at most _READS_PER_IMAGE times the images it trains on,
+      and fails with an InvalidArgumentError that says so when they do not fill its steps.
     """
     def one_epoch(epoch):
         views = sampler.stream_key(seed, epoch, salt=1)
@@ -81,15 +91,50 @@ def training_dataset(source: Source, labels: tf.Variable, accept: tf.Variable,
                 seed=tf.random.experimental.stateless_fold_in(views, position))
             return view, tf.cast(index, tf.int32)
 
-        # Positions before sharding: an image's augmentation does not depend on the worker count.
-        ds = sampler.accepted_pairs(source, labels, accept, sampler.stream_key(seed, epoch))
-        ds = ds.enumerate()
-        if shard[0] > 1:
-            ds = ds.shard(*shard)
-        ds = ds.map(load, num_parallel_calls=AUTOTUNE).ignore_errors()
-        return ds.batch(batch_size, drop_remainder=True).take(steps)
+        pairs = sampler.accepted_pairs(source, labels, accept, sampler.stream_key(seed, epoch))
+        return _epoch_batches(
+            pairs, load, batch_size, steps, shard, source.name,
+            "the stream holds only images the last feature pass decoded (with --supervised, "
+            "every image), so most of them vanished or became unreadable since")
 
     return _per_epoch(epoch, one_epoch, steps)
+
+
+# How the error of an epoch that its readable images cannot fill begins (`short_epoch`).
+SHORT_EPOCH = "too few readable images: fewer than "
+
+
+def short_epoch(error: tf.errors.OpError) -> Optional[str]:
+    """The message of `_epoch_batches`'s error, if `error` is one (None otherwise)."""
+    match = re.search(re.escape(SHORT_EPOCH) + r"[^\]\n]*", error.message)
+    return match.group(0) if match else None
+
+
+def _epoch_batches(pairs: tf.data.Dataset, load, batch_size: int, steps: int, shard: tuple,
+                   name: str, why: str) -> tf.data.Dataset:
+    """`steps` batches of the first _READS_PER_IMAGE * steps * batch_size (times the pipelines)
+    (index, payload) `pairs` that `load(position, pair)` turns into training examples, those that
+    fail dropped; an error that says `why` when the rest do not fill them."""
+    reads = _READS_PER_IMAGE * steps * batch_size * shard[0]
+    # Positions before sharding: an image's views do not depend on the worker count.
+    ds = pairs.take(reads).enumerate()
+    if shard[0] > 1:
+        ds = ds.shard(*shard)
+    ds = ds.map(load, num_parallel_calls=AUTOTUNE).ignore_errors()
+    batches = ds.batch(batch_size, drop_remainder=True)
+    message = (f"{SHORT_EPOCH}{steps * batch_size * shard[0]} of the {reads} images this epoch "
+               f"read from {name} could be decoded: {why}. The checkpoints of finished epochs "
+               "are intact: make the images readable again and re-run the same command to "
+               "resume, or start a new run")
+
+    def short(_):  # reached only when the batches above are fewer than `steps`
+        with tf.control_dependencies([tf.debugging.Assert(False, [message])]):
+            # Never returned: an element of the batches' structure, unknown sizes as 0.
+            return tf.nest.map_structure(
+                lambda spec: tf.identity(tf.zeros([d or 0 for d in spec.shape], spec.dtype)),
+                batches.element_spec)
+
+    return batches.concatenate(tf.data.Dataset.range(1).map(short)).take(steps)
 
 
 def _per_epoch(epoch: tf.Variable, one_epoch, steps: int) -> tf.data.Dataset:
@@ -105,14 +150,16 @@ def multicrop_dataset(source: Source, epoch: tf.Variable, image_size: int, globa
                       blur: bool = False, shard: tuple = (1, 0)) -> tf.data.Dataset:
     """One epoch of `steps` batches of multi-crop views (DeepCluster-v2, docs/protocols.md §9).
 
-    Every example once per epoch, in an order keyed by (seed, epoch); each image is decoded once
-    and gives `global_crops` global crops (random resized crops of `global_scale` of its area, at
-    image_size) and `local_crops` local ones (`local_scale`, at local_size), each randomly
-    flipped, colour-distorted with strength `color_jitter` (0: not at all; see
-    `transforms.color_distortion`) and, with `blur`, blurred with probability 0.5 by a Gaussian
-    of 0.1-2 px per 224 px of the view's side; all drawn by stateless ops keyed by the seed, the
-    epoch and the image's place in the stream, as `training_dataset`; `shard` too is
-    `training_dataset`'s (each pipeline decodes its share of the epoch's order).
+    Every example once per epoch, in an order keyed by (seed, epoch), then, as far as unreadable
+    examples leave the epoch short, in a second order (an error when that is not enough, as in
+    `training_dataset`); each image is decoded once and gives `global_crops` global crops
+    (random resized crops of `global_scale` of its area, at image_size) and `local_crops` local
+    ones (`local_scale`, at local_size), each randomly flipped, colour-distorted with strength
+    `color_jitter` (0: not at all; see `transforms.color_distortion`) and, with `blur`, blurred
+    with probability 0.5 by a Gaussian of 0.1-2 px per 224 px of the view's side; all drawn by
+    stateless ops keyed by the seed, the epoch and the image's place in the stream, as
+    `training_dataset`; `shard` too is `training_dataset`'s (each pipeline decodes its share of
+    the epoch's order).
 
     Yields:
       (tuple of global_crops + local_crops float32 [B, s, s, C] views, global ones first),
@@ -121,14 +168,19 @@ def multicrop_dataset(source: Source, epoch: tf.Variable, image_size: int, globa
     """
     def one_epoch(epoch):
         views = sampler.stream_key(seed, epoch, salt=3)
+        # The epoch's order, then more passes in orders of their own: unreadable examples leave
+        # the first pass short of the epoch's steps.
+        keys = [sampler.stream_key(seed, epoch, salt=4 + p if p else 0)
+                for p in range(_READS_PER_IMAGE)]
         if source.random_access:
-            order = tf.random.experimental.stateless_shuffle(
-                tf.range(source.num_examples, dtype=tf.int64), seed=sampler.stream_key(seed, epoch))
+            order = tf.concat([tf.random.experimental.stateless_shuffle(
+                tf.range(source.num_examples, dtype=tf.int64), seed=key) for key in keys], 0)
             ds = tf.data.Dataset.from_tensor_slices((order, order))
         else:
-            key = sampler.stream_key(seed, epoch)
-            ds = source.triples().map(lambda index, payload, label: (index, payload))
-            ds = ds.shuffle(10_000, seed=key[0] ^ key[1])
+            pairs = source.triples().map(lambda index, payload, label: (index, payload))
+            ds = pairs.shuffle(10_000, seed=keys[0][0] ^ keys[0][1])
+            for key in keys[1:]:
+                ds = ds.concatenate(pairs.shuffle(10_000, seed=key[0] ^ key[1]))
 
         def load(position, pair):
             index, payload = pair
@@ -153,11 +205,9 @@ def multicrop_dataset(source: Source, epoch: tf.Variable, image_size: int, globa
                                                 blur_seed)
             return crop
 
-        # Positions before sharding: an image's views do not depend on the worker count.
-        ds = ds.enumerate()
-        if shard[0] > 1:
-            ds = ds.shard(*shard)
-        ds = ds.map(load, num_parallel_calls=AUTOTUNE).ignore_errors()
-        return ds.batch(batch_size, drop_remainder=True).take(steps)
+        return _epoch_batches(
+            ds, load, batch_size, steps, shard, source.name,
+            f"each example was read up to {_READS_PER_IMAGE} times, so more than "
+            f"{100 // _READS_PER_IMAGE} % of them are unreadable, or vanished during the run")
 
     return _per_epoch(epoch, one_epoch, steps)

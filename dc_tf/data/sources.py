@@ -5,9 +5,17 @@ cheap to carry before decoding (the index itself for random-access sources, the 
 record files), and `decode(index, payload)` turns one into a uint8 [H, W, C] image. The balanced
 sampler filters triples on their index and decodes only the accepted ones. Decoding may fail for
 corrupt files: pipelines drop such elements with `ignore_errors()`, and the feature pass reports
-the indices it never saw. Encoded images whose header announces more than MAX_IMAGE_PIXELS are
-refused before decoding (a decompression bomb or a scan of a poster would otherwise take
-gigabytes); they are skipped and counted like corrupt files.
+the indices it never saw. Some files are refused before any pixel is decoded, and are skipped and
+counted like corrupt ones:
+  - a file that was no regular file when its folder was listed (a FIFO, a device, a socket, a
+    link to one of them or to nothing) is never opened: reading a FIFO waits for a writer
+    forever, and reading /dev/zero never ends; nor is a file above MAX_FILE_BYTES, which would
+    be read whole into memory;
+  - an image whose header announces more than MAX_IMAGE_PIXELS (a decompression bomb or a scan
+    of a poster would otherwise take gigabytes), in every format tf.io.decode_image opens: the
+    JPEG, PNG, GIF, BMP and WebP headers are read, and JPEG XL, whose header is not, is refused.
+Decoded images are cut to at most MAX_ASPECT_RATIO around their centre, so that the resizes of the
+transforms stay bounded whatever the aspect ratio.
 
 Sources:
   ArraySource   uint8 images in memory (Fashion-MNIST); random access.
@@ -23,17 +31,84 @@ from typing import ClassVar, Optional
 import numpy as np
 import tensorflow as tf
 
+from dc_tf import fileio
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 
 # PIL's decompression-bomb warning threshold (Image.MAX_IMAGE_PIXELS): about 9459 x 9459.
 MAX_IMAGE_PIXELS = 89_478_485
 
+# More than the file of any image within MAX_IMAGE_PIXELS takes (716 MB for a 16-bit RGBA PNG of
+# incompressible pixels): a larger file (a sparse file, a disk image named .jpg) is not read.
+MAX_FILE_BYTES = 1 << 30
 
-def header_pixels(data: tf.Tensor) -> tf.Tensor:
-    """Width x height (int64) announced by a JPEG, PNG, GIF or BMP header; 0 for other data.
+# Longest side / shortest side of a decoded image. The feature pass resizes the shorter side to
+# --resize_size, so its buffer grows with the aspect ratio: a 3 x 6000 image took 2.2 GB, a
+# 1 x 80,000,000 one (below MAX_IMAGE_PIXELS) would take terabytes; resizing a training crop of a
+# 1 x 4,000,000 strip took 11 GB. A longer image is cut to this ratio around its centre: the
+# feature pass keeps only the centre anyway, and the training crops (aspect 3:4 to 4:3, at least
+# 8 % of the area) still fit in a 10:1 image, which they stop doing beyond 16:1.
+MAX_ASPECT_RATIO = 10
 
-    Reads only the header (the JPEG start-of-frame for JPEGs), so it costs nothing next to
-    decoding and can refuse an oversized image before any pixel buffer is allocated.
+
+def _require(condition: tf.Tensor, message: tf.Tensor) -> list:
+    """Control dependencies that fail with `message` (a string tensor) unless `condition` holds.
+
+    Eagerly (as `data.write_skipped` decodes a skipped image again to find why) the error is
+    raised at once with `message` alone, so that skipped.tsv gets the reason without TF's
+    decoration.
+    """
+    if tf.executing_eagerly():
+        if not condition:
+            raise tf.errors.InvalidArgumentError(None, None, message.numpy().decode())
+        return []
+    return [tf.debugging.Assert(condition, [message])]
+
+
+def _gif_first_image(data: bytes) -> tuple:
+    """(the GIF cut after its first image, that image's width x height).
+
+    tf.io.decode_image reads every frame of a GIF and sizes its output to the largest one,
+    whatever the logical screen of the header says, even when it returns the first frame only: a
+    GIF announcing 8 x 8 whose second frame is 12000 x 12000 decoded to 432 MB. Decoding the
+    blocks up to the end of the first image alone makes that image's descriptor the size
+    decoding allocates. Finding that end takes a step per data sub-block (255 bytes): in Python
+    through tf.numpy_function, as a TF while loop took 9 us a step (17 ms for a 480 KB GIF, four
+    times its decoding; Python: 1.1 ms).
+    """
+    padded = data + bytes(16)  # the reads below stay in range at the end of the data
+
+    def colour_table(flags):  # bytes of the colour table a flags byte announces
+        return 6 << (flags & 7) if flags & 0x80 else 0
+
+    def after_sub_blocks(at):  # sub-blocks of 1-255 bytes, each after its size, then a 0
+        while at < len(data) and padded[at]:
+            at += padded[at] + 1
+        return at + 1
+
+    at = 13 + colour_table(padded[10])
+    while at < len(data):
+        if padded[at] == 0x21:  # an extension: its label, then sub-blocks
+            at = after_sub_blocks(at + 2)
+        elif padded[at] == 0x2C:  # an image: descriptor, colour table, LZW code size, data
+            pixels = (int.from_bytes(padded[at + 5:at + 7], "little")
+                      * int.from_bytes(padded[at + 7:at + 9], "little"))
+            end = after_sub_blocks(at + 11 + colour_table(padded[at + 9]))
+            # An unfinished first image is left as it is: there is no frame after it.
+            return (data[:end] + b";" if end <= len(data) else data), np.int64(pixels)
+        else:  # the trailer, or garbage: no image for the decoder either
+            break
+    return data, np.int64(0)
+
+
+def _read_header(data: tf.Tensor) -> tuple:
+    """(the bytes to decode, the width x height (int64) decoding them allocates, why they are
+    refused or "").
+
+    Reads only headers (and a GIF's block structure up to its first image), so it costs little
+    next to decoding and refuses an oversized image before any pixel buffer is allocated.
+    Formats are told by the magic numbers tf.io.decode_image goes by; data of any other format is
+    refused here rather than left to a decoder whose size this does not read.
     """
     # 32 zero bytes of padding: the fixed-offset reads below stay in range for truncated files.
     head = tf.io.decode_raw(tf.strings.substr(
@@ -46,34 +121,66 @@ def header_pixels(data: tf.Tensor) -> tf.Tensor:
     def little_endian(i, n):
         return sum(b[i + k] * 256 ** k for k in range(n))
 
-    def starts_with(magic: bytes):
-        return tf.reduce_all(tf.equal(b[:len(magic)], list(magic)))
+    def starts_with(magic: bytes, at: int = 0):
+        return tf.reduce_all(tf.equal(b[at:at + len(magic)], list(magic)))
 
-    def jpeg():
-        return tf.reduce_prod(tf.cast(tf.image.extract_jpeg_shape(data)[:2], tf.int64))
+    def accepted(pixels, decoded=data):
+        return decoded, pixels, tf.constant("")
 
-    def other():
-        bmp_height = little_endian(22, 4)  # signed: negative for top-down bitmaps
-        bmp_height = tf.abs(tf.where(bmp_height >= 2 ** 31, bmp_height - 2 ** 32, bmp_height))
-        png = big_endian32(16) * big_endian32(20)
-        gif = little_endian(6, 2) * little_endian(8, 2)
-        bmp = little_endian(18, 4) * bmp_height
-        return tf.case([(starts_with(b"\x89PNG\r\n\x1a\n"), lambda: png),
-                        (starts_with(b"GIF8"), lambda: gif), (starts_with(b"BM"), lambda: bmp)],
-                       default=lambda: tf.constant(0, tf.int64))
-    return tf.cond(starts_with(b"\xff\xd8\xff"), jpeg, other)
+    def refused(reason):
+        return data, tf.constant(0, tf.int64), tf.constant(reason)
+
+    def bmp():
+        height = little_endian(22, 4)  # signed: negative for top-down bitmaps
+        height = tf.abs(tf.where(height >= 2 ** 31, height - 2 ** 32, height))
+        return accepted(little_endian(18, 4) * height)
+
+    def gif():
+        first_image, pixels = tf.numpy_function(  # bytes in a graph, a 0-d array eagerly
+            lambda x: _gif_first_image(x if isinstance(x, bytes) else x.item()), [data],
+            [tf.string, tf.int64], stateful=False)
+        return accepted(tf.ensure_shape(pixels, []), tf.ensure_shape(first_image, []))
+
+    def webp():  # the canvas of an extended file, else the size of its only image
+        lossless = little_endian(21, 4)
+        return accepted(tf.where(
+            starts_with(b"VP8X", 12), (little_endian(24, 3) + 1) * (little_endian(27, 3) + 1),
+            tf.where(starts_with(b"VP8L", 12),
+                     (lossless % 2 ** 14 + 1) * (lossless // 2 ** 14 % 2 ** 14 + 1),
+                     little_endian(26, 2) % 2 ** 14 * (little_endian(28, 2) % 2 ** 14))))
+
+    return tf.case([
+        (starts_with(b"\xff\xd8\xff"), lambda: accepted(tf.reduce_prod(
+            tf.cast(tf.image.extract_jpeg_shape(data)[:2], tf.int64)))),
+        (starts_with(b"\x89PNG\r\n\x1a\n"),
+         lambda: accepted(big_endian32(16) * big_endian32(20))),
+        (starts_with(b"GIF8"), gif),
+        (starts_with(b"BM"), bmp),
+        (starts_with(b"RIFF") & starts_with(b"WEBP", 8), webp),
+        (starts_with(b"\xff\x0a") | starts_with(b"\0\0\0\x0cJXL \r\n\x87\n"),
+         lambda: refused("JPEG XL: refused, as its header is not read to check its size against "
+                         "dc_tf.data.sources.MAX_IMAGE_PIXELS (convert the file to PNG or JPEG)")),
+        (tf.equal(tf.strings.length(data), 0), lambda: refused("the file is empty")),
+    ], default=lambda: refused("Unknown image file format: not a JPEG, PNG, GIF, BMP or WebP file"))
 
 
 def decode_checked(data: tf.Tensor, channels: int) -> tf.Tensor:
     """uint8 [H, W, channels] of an encoded image (the first frame of an animation), refusing
-    images above MAX_IMAGE_PIXELS with an error that says so."""
-    pixels = header_pixels(data)
-    check = tf.debugging.Assert(pixels <= MAX_IMAGE_PIXELS, [
-        "the image header announces", pixels, "pixels, above dc_tf.data.sources.MAX_IMAGE_PIXELS "
-        f"= {MAX_IMAGE_PIXELS}; refused to protect memory (downscale the file)"])
-    with tf.control_dependencies([check]):
+    formats whose header is not read and images above MAX_IMAGE_PIXELS with an error that says
+    so, and cut to MAX_ASPECT_RATIO around its centre."""
+    data, pixels, refusal = _read_header(data)
+    checks = _require(tf.equal(refusal, ""), refusal) + _require(
+        pixels <= MAX_IMAGE_PIXELS, tf.strings.format(
+            "the image header announces {} pixels, above dc_tf.data.sources.MAX_IMAGE_PIXELS = "
+            f"{MAX_IMAGE_PIXELS}; refused to protect memory (downscale the file)", pixels))
+    with tf.control_dependencies(checks):
         image = tf.io.decode_image(data, channels=channels, expand_animations=False,
                                    dtype=tf.uint8)
+    shape = tf.shape(image)
+    longest = tf.minimum(shape[0], shape[1]) * MAX_ASPECT_RATIO
+    height, width = tf.minimum(shape[0], longest), tf.minimum(shape[1], longest)
+    top, left = (shape[0] - height) // 2, (shape[1] - width) // 2
+    image = image[top:top + height, left:left + width]
     image.set_shape([None, None, channels])
     return image
 
@@ -137,19 +244,32 @@ class ArraySource(Source):
 @dataclasses.dataclass
 class FolderSource(Source):
     """Every image file below `root`; first-level sub-folders are the classes when all files sit
-    in one."""
+    in one.
+
+    Attributes:
+      paths: each example's path relative to root as os.walk names it: bytes of a name that are
+        not UTF-8 as surrogate escapes, which os.fsencode turns back into the name.
+      refusals: for each path, why the file is never read ("" for those that are), found when
+        the folder was listed.
+    """
     root: str = ""
     paths: tuple = ()
+    refusals: tuple = ()
 
     def __post_init__(self):
-        self._paths = tf.constant([os.path.join(self.root, p) for p in self.paths])
+        self._paths = tf.constant([os.fsencode(os.path.join(self.root, p)) for p in self.paths])
+        self._refusals = tf.constant(self.refusals or ("",) * len(self.paths))
 
     def decode(self, index, payload):
         del payload
-        return decode_checked(tf.io.read_file(tf.gather(self._paths, index)), 3)
+        refusal = tf.gather(self._refusals, index)
+        # A refused file is never opened: the read waits for the check.
+        with tf.control_dependencies(_require(tf.equal(refusal, ""), refusal)):
+            data = tf.io.read_file(tf.gather(self._paths, index))
+        return decode_checked(data, 3)
 
     def describe(self, index):
-        return self.paths[index]
+        return fileio.printable(self.paths[index])
 
 
 @dataclasses.dataclass

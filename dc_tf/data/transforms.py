@@ -94,7 +94,8 @@ def color_distortion(image: tf.Tensor, strength: float, seed: tf.Tensor,
         mean = tf.reduce_mean(gray(x))
         x = tf.clip_by_value(mean + (x - mean) * factor(2, 0.8 * strength), 0.0, 255.0)
         if colour:
-            x = tf.clip_by_value(gray(x) + (x - gray(x)) * factor(3, 0.8 * strength), 0.0, 255.0)
+            g = gray(x)
+            x = tf.clip_by_value(g + (x - g) * factor(3, 0.8 * strength), 0.0, 255.0)
             hue = tf.random.stateless_uniform([], seeds[4], -0.2 * strength, 0.2 * strength)
             x = tf.image.adjust_hue(x / 255.0, hue) * 255.0
         return x

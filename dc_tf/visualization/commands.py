@@ -14,7 +14,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from dc_tf import clusters, models
+from dc_tf import clusters, fileio, models
 from dc_tf.config import ConfigError, TrainConfig
 from dc_tf.visualization import activations, ascent, cluster_montage, montage, projector, trained
 
@@ -147,9 +147,8 @@ def top_images(cfg: VisualizeConfig, run_cfg: TrainConfig, writer) -> list:
     montage.write_images(writer, f"top_images/{layer}", montage.same_size(images), epochs,
                          f"top {cfg.top_k} images of {source.name} per channel")
     path = os.path.join(cfg.output_dir, "top_images", f"{layer}.json")
-    with open(path, "w") as f:
-        json.dump({"layer": layer, "dataset": source.name, "epochs": epochs,
-                   "channels": table}, f, indent=1)
+    fileio.atomic_write(path, json.dumps({"layer": layer, "dataset": source.name,
+                                          "epochs": epochs, "channels": table}, indent=1))
     return paths + [path]
 
 

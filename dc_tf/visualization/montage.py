@@ -1,11 +1,12 @@
 """Montages: uint8 images tiled into grids, captioned with PIL, saved as PNG or to TensorBoard."""
 
 import math
-import os
 from typing import Optional, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from dc_tf import fileio
 
 BACKGROUND = 255  # white, between cells and behind captions
 CAPTION_HEIGHT = 14  # pixels of one line of PIL's default font (10 px) plus a margin
@@ -87,9 +88,9 @@ def caption(image: np.ndarray, text: str) -> np.ndarray:
 
 
 def save_png(path: str, image: np.ndarray) -> str:
-    """Writes uint8 [H, W, 1 or 3] as PNG (folders created); returns the path."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(path)
+    """Writes uint8 [H, W, 1 or 3] as PNG, atomically (folders created); returns the path."""
+    with fileio.atomic_open(path, "wb") as f:
+        Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(f, format="PNG")
     return path
 
 

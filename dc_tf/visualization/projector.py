@@ -13,6 +13,7 @@ import numpy as np
 import tensorflow as tf
 from tensorboard.plugins import projector
 
+from dc_tf import fileio
 from dc_tf.visualization import montage
 
 SPRITE_MAX_SIZE = 8192  # TensorBoard's limit on each side of a sprite image
@@ -33,7 +34,7 @@ def write_metadata(path: str, columns: dict) -> None:
     """One header line and one line per point; tabs and newlines in values become spaces."""
     names = list(columns)
     rows = zip(*(columns[name] for name in names))
-    with open(path, "w", encoding="utf-8") as f:
+    with fileio.atomic_open(path, "w", encoding="utf-8") as f:
         f.write("\t".join(names) + "\n")
         for row in rows:
             f.write("\t".join(" ".join(str(v).split()) for v in row) + "\n")
@@ -74,5 +75,7 @@ def write_projector(logdir: str, name: str, features: np.ndarray, columns: dict,
     embedding.metadata_path = "metadata.tsv"
     embedding.sprite.image_path = "sprite.png"
     embedding.sprite.single_image_dim.extend([s, s])
-    projector.visualize_embeddings(logdir, config)
-    return os.path.join(logdir, "projector_config.pbtxt")
+    # What projector.visualize_embeddings writes (the config in text format), atomically.
+    path = os.path.join(logdir, "projector_config.pbtxt")
+    fileio.atomic_write(path, str(config))
+    return path
