@@ -29,18 +29,19 @@ ARGS = [f"--max_examples={NUM_EXAMPLES}", "--num_clusters=4", "--pca_dim=8", "--
 STEPS = 6  # ceil(1536 / 256)
 
 # The N in NAME:N counts from the start of each process, and every re-run starts again at the
-# beginning of the epoch after the last checkpoint.
+# beginning of the epoch after the last complete checkpoint: one killed between its files and
+# its index is complete (its files load), so that re-run goes on with the following epoch.
 KILLS = [
     # epoch 0, from a fresh model_dir
     "run.locked", "run.config_written", "features.batch:1", "features.batch:4", "pca.fitted",
     "kmeans.started", "kmeans.done", "assignment.saved", "train.batch:1", "train.batch:4",
-    "epoch.logged", "checkpoint.written", "checkpoint.saved",
+    "epoch.logged", "checkpoint.saved",
     # epoch 1
-    "features.batch:3", "kmeans.done", "train.batch:2", "epoch.logged", "checkpoint.written",
-    "checkpoint.saved",
+    "features.batch:3", "kmeans.done", "assignment.saved", "train.batch:2", "epoch.logged",
+    "checkpoint.written",
     # epoch 2, the final clustering and the export
-    "train.batch:5", "checkpoint.saved", "features.batch:2", "final.saved", "export.written",
-    "export.done",
+    "pca.fitted", "train.batch:5", "checkpoint.saved", "features.batch:2", "final.saved",
+    "export.written", "export.done",
 ]
 
 
