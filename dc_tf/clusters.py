@@ -29,11 +29,21 @@ def load_assignment(model_dir: str, epoch: str = "final") -> np.ndarray:
     return np.load(path)
 
 
-def load_examples(model_dir: str) -> tuple:
-    """(sources: list of str, labels: int64 [N], -1 where unknown) from examples.tsv."""
-    with open(os.path.join(model_dir, "examples.tsv"), encoding="utf-8") as f:
-        rows = list(csv.DictReader(f, delimiter="\t"))
-    labels = np.array([int(r["label"]) if r["label"] else -1 for r in rows], np.int64)
+def load_examples(model_dir: str, num_examples: int) -> tuple:
+    """(sources: list of str, labels: int64 [N], -1 where unknown) from examples.tsv, which must
+    list the `num_examples` examples that the assignments index."""
+    path = os.path.join(model_dir, "examples.tsv")
+    try:
+        with open(path, encoding="utf-8") as f:
+            rows = list(csv.DictReader(f, delimiter="\t"))
+        labels = np.array([int(r["label"]) if r["label"] else -1 for r in rows], np.int64)
+    except (UnicodeDecodeError, KeyError, TypeError, ValueError):
+        rows = None
+    if rows is None or len(rows) != num_examples or any(
+            r["index"] != str(i) for i, r in enumerate(rows)):
+        raise ValueError(f"{path} does not list the {num_examples} examples of the assignments "
+                         "(damaged or edited): re-run the training command of this run, which "
+                         "writes it again")
     return [r["source"] for r in rows], labels
 
 
@@ -103,7 +113,7 @@ def main(argv):
     del argv
     try:
         assignment = load_assignment(FLAGS.model_dir, FLAGS.epoch)
-        sources, labels = load_examples(FLAGS.model_dir)
+        sources, labels = load_examples(FLAGS.model_dir, len(assignment))
         if FLAGS.export_to:
             made = export_links(FLAGS.model_dir, assignment, sources, FLAGS.export_to)
     except (FileNotFoundError, ValueError) as e:

@@ -122,9 +122,8 @@ def _train(cfg: config.TrainConfig, source: data.Source, backbone: keras.Model,
     chief = distribute.is_chief(strategy)
     distributed = strategy if distribute.is_distributed(strategy) else None
     model_dir = distribute.write_dir(strategy, cfg.model_dir)
-    index_map = os.path.join(model_dir, "examples.tsv")
-    if chief and not os.path.exists(index_map):
-        data.write_index_map(source, index_map)
+    if chief:
+        data.write_index_map(source, os.path.join(model_dir, "examples.tsv"))
     logging.info("configuration:\n%s", cfg.to_json())
     logging.info("dataset %s: %d images, %d channel(s)", source.name, source.num_examples,
                  source.channels)

@@ -3,6 +3,7 @@ images with the export."""
 
 import csv
 import os
+import shutil
 import subprocess
 import sys
 
@@ -35,7 +36,7 @@ def _cli(module, *args):
 
 def test_examples_tsv_maps_every_index_to_its_file(folder_run):
     root, cfg = folder_run
-    sources, labels = clusters.load_examples(cfg.model_dir)
+    sources, labels = clusters.load_examples(cfg.model_dir, 32)
     files = sorted(os.path.relpath(os.path.join(d, f), root)
                    for d, _, fs in os.walk(root) for f in fs)
     assert sources == files and len(sources) == 32
@@ -51,7 +52,7 @@ def test_clusters_report_and_links(folder_run, tmp_path):
     out = _cli("dc_tf.clusters", f"--model_dir={cfg.model_dir}", f"--export_to={tmp_path}/links")
     assert "3 non-empty clusters of 32 examples (2 unreadable)" in out
     final = clusters.load_assignment(cfg.model_dir)
-    sources, _ = clusters.load_examples(cfg.model_dir)
+    sources, _ = clusters.load_examples(cfg.model_dir, 32)
     links = {}
     for folder in os.listdir(tmp_path / "links"):
         for name in os.listdir(tmp_path / "links" / folder):
@@ -59,6 +60,24 @@ def test_clusters_report_and_links(folder_run, tmp_path):
             links[os.path.relpath(target, root)] = int(folder.split("_")[1])
     assert links == {sources[i]: int(c) for i, c in enumerate(final) if c >= 0}
     assert all(os.path.exists(os.path.join(root, p)) for p in links)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbled"])
+def test_a_damaged_examples_tsv_is_refused_with_the_way_out(folder_run, tmp_path, damage):
+    _, cfg = folder_run
+    model_dir = tmp_path / "run"
+    shutil.copytree(cfg.model_dir, model_dir, ignore=shutil.ignore_patterns("export"))
+    path = model_dir / "examples.tsv"
+    if damage == "truncated":
+        os.truncate(path, os.path.getsize(path) // 2)
+    else:
+        path.write_bytes(b"\xff\xfe garbled")
+    result = subprocess.run([sys.executable, "-m", "dc_tf.clusters", f"--model_dir={model_dir}"],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: {path} does not list the 32 examples of the assignments (damaged or edited): "
+        "re-run the training command of this run, which writes it again")
 
 
 def test_assign_cli_puts_new_images_into_the_learnt_clusters(folder_run, tmp_path):
@@ -69,7 +88,7 @@ def test_assign_cli_puts_new_images_into_the_learnt_clusters(folder_run, tmp_pat
     with open(tmp_path / "a.csv") as f:
         rows = list(csv.DictReader(f))
     final = clusters.load_assignment(cfg.model_dir)
-    sources, _ = clusters.load_examples(cfg.model_dir)
+    sources, _ = clusters.load_examples(cfg.model_dir, 32)
     agree = np.mean([int(r["cluster"]) == final[sources.index(r["file"])] for r in rows])
     assert len(rows) == 30 and agree >= 0.9, agree
     skipped = open(tmp_path / "a.csv.skipped.tsv").read()

@@ -6,7 +6,6 @@ returns a `Source`; `dc_tf.data.pipelines` turns it into the feature-pass and tr
 
 import os
 import re
-import stat
 
 import numpy as np
 from absl import logging
@@ -14,8 +13,8 @@ from absl import logging
 from dc_tf import fileio
 from dc_tf.config import ConfigError
 
-from dc_tf.data.sources import (IMAGE_EXTENSIONS, MAX_FILE_BYTES, ArraySource, FolderSource,
-                                Source, TFDSSource, load_idx)
+from dc_tf.data.sources import (IMAGE_EXTENSIONS, ArraySource, FolderSource, Source,
+                                TFDSSource, load_idx, refusal)
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 _FASHION_FILES = {"train": "train", "test": "t10k"}
@@ -64,13 +63,24 @@ def all_labels(source: Source) -> np.ndarray:
 
 def write_index_map(source: Source, path: str) -> None:
     """Writes `index<TAB>source<TAB>label` for every example (label empty where unknown), so
-    that assignments/*.npy, indexed by example, can be traced to files."""
+    that assignments/*.npy, indexed by example, can be traced to files. A file already at `path`
+    that holds exactly this is left alone; one that does not (truncated, garbled, edited, or
+    written for other images) is named in a warning and replaced."""
     labels = source.labels
-    with fileio.atomic_open(path, "w", encoding="utf-8") as f:
-        f.write("index\tsource\tlabel\n")
-        for i in range(source.num_examples):
-            label = "" if labels is None or labels[i] < 0 else str(labels[i])
-            f.write(f"{i}\t{source.describe(i)}\t{label}\n")
+    content = "index\tsource\tlabel\n" + "".join(
+        f"{i}\t{source.describe(i)}\t{'' if labels is None or labels[i] < 0 else labels[i]}\n"
+        for i in range(source.num_examples))
+    try:
+        with open(path, "rb") as f:
+            found = f.read()
+    except FileNotFoundError:
+        found = None
+    if found == content.encode():
+        return
+    if found is not None:
+        logging.warning("%s does not list the %d images of %s as this run reads them (damaged or "
+                        "edited): written again", path, source.num_examples, source.name)
+    fileio.atomic_write(path, content)
 
 
 def write_skipped(source: Source, indices, path: str) -> None:
@@ -153,7 +163,7 @@ def _folder(root: str) -> Source:
     else:
         labels = None
     source = FolderSource(f"folder:{root}", len(paths), 3, labels, root=root, paths=tuple(paths),
-                          refusals=tuple(_refusal(os.path.join(root, p)) for p in paths))
+                          refusals=tuple(refusal(os.path.join(root, p)) for p in paths))
     refused = [i for i, reason in enumerate(source.refusals) if reason]
     if refused:
         logging.warning("%d of the %d files below %s are not read (skipped like unreadable "
@@ -161,32 +171,6 @@ def _folder(root: str) -> Source:
                         "; ".join(f"{source.describe(i)}: {source.refusals[i]}"
                                   for i in refused[:5]))
     return source
-
-
-_SPECIAL_FILES = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
-                  (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"),
-                  (stat.S_ISDIR, "a folder"))
-
-
-def _refusal(path: str) -> str:
-    """Why the file at `path` is not to be read at all ("" when it is).
-
-    tf.io.read_file reads until the end of a file: on a FIFO it waits for a writer forever, on
-    /dev/zero or /dev/urandom it never ends (its buffer grew by 500 MB/s). So only regular files
-    are read (links followed), and only up to MAX_FILE_BYTES, since a file is read whole into
-    memory.
-    """
-    try:
-        info = os.stat(path)
-    except OSError as e:  # a link to nothing, a link loop
-        return e.strerror
-    if not stat.S_ISREG(info.st_mode):
-        kind = next((name for test, name in _SPECIAL_FILES if test(info.st_mode)), "special")
-        return f"not a regular file but {kind}: never opened, as reading it could wait forever"
-    if info.st_size > MAX_FILE_BYTES:
-        return (f"{info.st_size} bytes, above dc_tf.data.sources.MAX_FILE_BYTES = "
-                f"{MAX_FILE_BYTES}: not read, as it would be read whole into memory")
-    return ""
 
 
 def _tfds(dataset: str, name: str, split: str, data_dir: str, max_examples: int) -> Source:

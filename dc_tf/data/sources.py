@@ -7,10 +7,12 @@ sampler filters triples on their index and decodes only the accepted ones. Decod
 corrupt files: pipelines drop such elements with `ignore_errors()`, and the feature pass reports
 the indices it never saw. Some files are refused before any pixel is decoded, and are skipped and
 counted like corrupt ones:
-  - a file that was no regular file when its folder was listed (a FIFO, a device, a socket, a
-    link to one of them or to nothing) is never opened: reading a FIFO waits for a writer
-    forever, and reading /dev/zero never ends; nor is a file above MAX_FILE_BYTES, which would
-    be read whole into memory;
+  - a file that is no regular file (a FIFO, a device, a socket, a link to one of them or to
+    nothing) is never read: reading a FIFO waits for a writer forever, and reading /dev/zero
+    never ends; nor is a file above MAX_FILE_BYTES, which would be read whole into memory. Such
+    a file found when its folder is listed is never opened; one that becomes such a file later
+    (replaced while a run reads the folder) is opened without waiting and refused on what its
+    open descriptor is, before a byte is read (`refusal`, `read_regular`);
   - an image whose header announces more than MAX_IMAGE_PIXELS (a decompression bomb or a scan
     of a poster would otherwise take gigabytes), in every format tf.io.decode_image opens: the
     JPEG, PNG, GIF, BMP and WebP headers are read, and JPEG XL, whose header is not, is refused.
@@ -26,6 +28,7 @@ Sources:
 import abc
 import dataclasses
 import os
+import stat
 from typing import ClassVar, Optional
 
 import numpy as np
@@ -49,6 +52,55 @@ MAX_FILE_BYTES = 1 << 30
 # feature pass keeps only the centre anyway, and the training crops (aspect 3:4 to 4:3, at least
 # 8 % of the area) still fit in a 10:1 image, which they stop doing beyond 16:1.
 MAX_ASPECT_RATIO = 10
+
+
+_SPECIAL_FILES = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                  (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"),
+                  (stat.S_ISDIR, "a folder"))
+
+
+def refusal(path, info: Optional[os.stat_result] = None) -> str:
+    """Why the file at `path` (whose stat is `info`, when already known) is not to be read at
+    all ("" when it is).
+
+    tf.io.read_file reads until the end of a file: on a FIFO it waits for a writer forever, on
+    /dev/zero or /dev/urandom it never ends (its buffer grew by 500 MB/s). So only regular files
+    are read (links followed), and only up to MAX_FILE_BYTES, since a file is read whole into
+    memory.
+    """
+    if info is None:
+        try:
+            info = os.stat(path)
+        except OSError as e:  # a link to nothing, a link loop
+            return e.strerror
+    if not stat.S_ISREG(info.st_mode):
+        kind = next((name for test, name in _SPECIAL_FILES if test(info.st_mode)), "special")
+        return f"not a regular file but {kind}: never read, as reading it could wait forever"
+    if info.st_size > MAX_FILE_BYTES:
+        return (f"{info.st_size} bytes, above dc_tf.data.sources.MAX_FILE_BYTES = "
+                f"{MAX_FILE_BYTES}: not read, as it would be read whole into memory")
+    return ""
+
+
+def read_regular(path: bytes) -> tuple:
+    """(the bytes of the file at `path`, b"") when it is a regular file of at most
+    MAX_FILE_BYTES, else (b"", why not as bytes). The file is opened without waiting (O_NONBLOCK:
+    a FIFO opens at once) and judged on its open descriptor, so a file replaced between the
+    listing and the read is judged as what is read, and no read can wait or run without end."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as e:  # vanished, a dangling link, a socket, no permission
+        return b"", f"{e.strerror}: {os.fsdecode(path)}".encode()
+    reason = refusal(path, os.fstat(fd))
+    if reason:
+        os.close(fd)
+        return b"", reason.encode()
+    with os.fdopen(fd, "rb") as f:
+        data = f.read(MAX_FILE_BYTES + 1)
+    if len(data) > MAX_FILE_BYTES:  # it grew after the fstat
+        return b"", (f"grew above dc_tf.data.sources.MAX_FILE_BYTES = {MAX_FILE_BYTES} while "
+                     "read: not read, as it would be read whole into memory").encode()
+    return data, b""
 
 
 def _require(condition: tf.Tensor, message: tf.Tensor) -> list:
@@ -262,11 +314,16 @@ class FolderSource(Source):
 
     def decode(self, index, payload):
         del payload
-        refusal = tf.gather(self._refusals, index)
-        # A refused file is never opened: the read waits for the check.
-        with tf.control_dependencies(_require(tf.equal(refusal, ""), refusal)):
-            data = tf.io.read_file(tf.gather(self._paths, index))
-        return decode_checked(data, 3)
+        listed = tf.gather(self._refusals, index)
+        # A file refused when listed is never opened: the read waits for the check.
+        with tf.control_dependencies(_require(tf.equal(listed, ""), listed)):
+            data, reason = tf.numpy_function(lambda path: read_regular(np.asarray(path).item()),
+                                             [tf.gather(self._paths, index)],
+                                             [tf.string, tf.string])
+        data.set_shape([])
+        reason.set_shape([])
+        with tf.control_dependencies(_require(tf.equal(reason, ""), reason)):
+            return decode_checked(tf.identity(data), 3)
 
     def describe(self, index):
         return fileio.printable(self.paths[index])

@@ -86,7 +86,8 @@ def _child_read_folder(root: str, out: str) -> dict:
 
 
 def _child_read_while_files_change(root: str, out: str, changes: dict) -> dict:
-    """Opens folder:root, then changes files (path: "delete", "folder" or "dangling link"), then
+    """Opens folder:root, then changes files (path: "delete", "folder", "dangling link", "fifo"
+    or a device to link to), then
     reads as a run would: a feature pass, and a DeepCluster epoch (drawn with labels from before
     the change) and a DeepCluster-v2 epoch, each of a batch of 4 per 4 images."""
     import tensorflow as tf
@@ -99,6 +100,10 @@ def _child_read_while_files_change(root: str, out: str, changes: dict) -> dict:
             os.mkdir(os.path.join(root, path))
         elif change == "dangling link":
             os.symlink(os.path.join(root, "nothing"), os.path.join(root, path))
+        elif change == "fifo":
+            os.mkfifo(os.path.join(root, path))
+        elif change.startswith("/dev/"):
+            os.symlink(change, os.path.join(root, path))
     n, epoch = source.num_examples, tf.Variable(0, dtype=tf.int64)
     seen = [int(i) for _, idx, _ in pipelines.feature_dataset(source, 36, 32, 8)
             .as_numpy_iterator() for i in idx]
@@ -269,17 +274,22 @@ def test_fifos_devices_sockets_and_huge_files_are_refused_when_listed_never_open
 
 
 def test_files_that_vanish_or_become_unreadable_mid_run_are_skipped_and_listed(tmp_path):
-    good = _good_images(tmp_path / "images", 20)
+    # Replaced after the folder was listed: a read of a FIFO would wait for a writer forever,
+    # one of /dev/zero or /dev/urandom would never end.
+    good = _good_images(tmp_path / "images", 24)
+    why = {"delete": "No such file", "dangling link": "No such file", "folder": "a folder",
+           "fifo": "a FIFO", "/dev/zero": "a character device",
+           "/dev/urandom": "a character device"}
     changes = {good[0]: "delete", good[7]: "delete", good[4]: "folder",
-               good[11]: "dangling link"}
+               good[11]: "dangling link", good[2]: "fifo", good[13]: "fifo",
+               good[5]: "/dev/zero", good[9]: "/dev/urandom"}
     found = _in_child(_child_read_while_files_change, str(tmp_path / "images"), str(tmp_path),
                       changes)
     assert set(found["skipped"]) == set(changes)
     for path, change in changes.items():
-        assert ("Is a directory" if change == "folder" else "No such file") in \
-            found["skipped"][path], found["skipped"]
-    # Both training streams fill their 5 batches of 4 from the 16 images left.
-    assert found["batches"] == [5, 5]
+        assert why[change] in found["skipped"][path], found["skipped"]
+    # Both training streams fill their 6 batches of 4 from the 16 images left.
+    assert found["batches"] == [6, 6]
 
 
 def test_an_epoch_whose_images_vanish_stops_with_a_clear_message(tmp_path):

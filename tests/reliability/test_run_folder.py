@@ -123,6 +123,11 @@ DAMAGED = {
                                 says=("final_clustering.npz does not read",)),
     "final_npy_truncated": Case("deepcluster", (_truncate("assignments/final.npy"),),
                                 says=("final.npy does not read",)),
+    # The index map is written again.
+    "examples_truncated": Case("deepcluster_v2", (_truncate("examples.tsv"),),
+                               says=("examples.tsv does not list the 512 images",)),
+    "examples_garbled": Case("deepcluster", (_garble("examples.tsv"),),
+                             says=("examples.tsv does not list the 512 images",)),
 }
 NO_CHECKPOINT = {
     "all_checkpoints_truncated": Case("deepcluster", (_all_checkpoints_truncated,)),
@@ -220,6 +225,9 @@ def _assert_finished(rerun: Rerun, epochs: int) -> None:
         assert int(f["epochs"]) == epochs
         np.testing.assert_array_equal(
             f["labels"], np.load(os.path.join(model_dir, "assignments", "final.npy")))
+    with open(os.path.join(model_dir, "examples.tsv"), encoding="utf-8") as f:
+        assert [line.split("\t")[0] for line in f.read().splitlines()] == [
+            "index", *map(str, range(NUM_EXAMPLES))]
     export = tf.saved_model.load(os.path.join(model_dir, "export"))
     assert export.signatures["assign"](images=tf.zeros([2, 32, 32, 1], tf.uint8))[
         "cluster"].shape == (2,)
