@@ -26,9 +26,17 @@ def assignment_path(model_dir: str, epoch: int) -> str:
 
 
 def previous_assignment(model_dir: str, epoch: int) -> Optional[np.ndarray]:
-    """The assignment saved for epoch - 1, if any (nmi_prev of a resumed run's first epoch)."""
+    """The assignment saved for epoch - 1, if any (nmi_prev of a resumed run's first epoch); a
+    file that does not read is reported and taken as missing."""
     path = assignment_path(model_dir, epoch - 1)
-    return np.load(path) if epoch > 0 and os.path.exists(path) else None
+    if epoch == 0 or not os.path.exists(path):
+        return None
+    try:
+        return np.load(path)
+    except (OSError, ValueError, EOFError) as e:
+        logging.warning("%s does not read (%s): the first epoch of this re-run has no nmi_prev",
+                        path, " ".join(str(e).split())[:200])
+        return None
 
 
 def save_array(path: str, array: np.ndarray) -> None:

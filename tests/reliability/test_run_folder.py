@@ -123,6 +123,12 @@ DAMAGED = {
                                 says=("final_clustering.npz does not read",)),
     "final_npy_truncated": Case("deepcluster", (_truncate("assignments/final.npy"),),
                                 says=("final.npy does not read",)),
+    # The assignment before the resumed epoch only gives nmi_prev: reported, and done without.
+    "previous_assignment_garbled": Case("deepcluster", (_garble("assignments/epoch_0002.npy"),),
+                                        epochs=4, says=("epoch_0002.npy does not read",)),
+    "previous_assignment_truncated": Case(
+        "deepcluster_v2", (_truncate("assignments/epoch_0002.npy"),), epochs=4,
+        says=("epoch_0002.npy does not read",)),
     # The index map is written again.
     "examples_truncated": Case("deepcluster_v2", (_truncate("examples.tsv"),),
                                says=("examples.tsv does not list the 512 images",)),
