@@ -63,10 +63,9 @@ def refusal(path, info: Optional[os.stat_result] = None) -> str:
     """Why the file at `path` (whose stat is `info`, when already known) is not to be read at
     all ("" when it is).
 
-    tf.io.read_file reads until the end of a file: on a FIFO it waits for a writer forever, on
-    /dev/zero or /dev/urandom it never ends (its buffer grew by 500 MB/s). So only regular files
-    are read (links followed), and only up to MAX_FILE_BYTES, since a file is read whole into
-    memory.
+    An image is read whole, until the end of its file: on a FIFO that waits for a writer
+    forever, on /dev/zero or /dev/urandom it never ends (tf.io.read_file's buffer grew by
+    500 MB/s). So only regular files are read (links followed), and only up to MAX_FILE_BYTES.
     """
     if info is None:
         try:
