@@ -2,6 +2,8 @@
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+# The tests open a run's report page in a real browser (tests/test_run_experience.py).
+CHROMEDRIVER := /usr/bin/chromedriver
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: setup train test bench
@@ -10,6 +12,10 @@ $(FASHION_MNIST):
 	$(SUDO) apt-get update -qq
 	$(SUDO) apt-get install -y -qq dataset-fashion-mnist
 
+$(CHROMEDRIVER):
+	$(SUDO) apt-get update -qq
+	$(SUDO) apt-get install -y -qq chromium chromium-driver
+
 setup: $(FASHION_MNIST)
 	$(PIP) install -q -e '.[dev]'
 
@@ -17,7 +23,7 @@ setup: $(FASHION_MNIST)
 train: setup
 	$(PYTHON) -m dc_tf.train --flagfile=flags/fashion_mnist.cfg
 
-test: setup
+test: setup $(CHROMEDRIVER)
 	$(PYTHON) -m pytest -q tests
 
 bench: setup

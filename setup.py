@@ -29,7 +29,7 @@ setup(
     ],
     extras_require={
         "gpu": ["faiss-gpu>=1.8", "tensorflow[and-cuda]>=2.16,<3"],
-        "dev": ["pytest>=7"],
+        "dev": ["pytest>=7", "selenium>=4.10"],  # selenium: the report page in Chromium
     },
     entry_points={"console_scripts": ["dc-tf-train=dc_tf.train:entry_point",
                                        "dc-tf-visualize=dc_tf.visualize:entry_point"]},

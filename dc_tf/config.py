@@ -42,6 +42,9 @@ METHOD_FLAGS = {
 }
 
 
+AUTO_CLUSTERS = 0  # --num_clusters=0: auto_num_clusters of the dataset's images
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Everything a training run depends on; the defaults are the paper's (flags/base.cfg)."""
@@ -61,7 +64,7 @@ class TrainConfig:
     crop_scale: tuple = (0.08, 1.0)
     crop_ratio: tuple = (0.75, 4.0 / 3.0)
     # Clustering.
-    num_clusters: int = 10000
+    num_clusters: int = 10000  # AUTO_CLUSTERS: from the number of images
     clustering: str = "kmeans"
     pca_dim: int = 256
     pca_sample: int = 50000
@@ -155,11 +158,12 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         _fail("strategy", cfg.strategy, f"choose one of {', '.join(STRATEGIES)}")
     if cfg.epochs < 0:
         _fail("epochs", cfg.epochs, "must be >= 0 (0 exports the untrained network)")
-    for name in ("batch_size", "num_clusters", "reassign", "image_size", "kmeans_iters"):
+    for name in ("batch_size", "reassign", "image_size", "kmeans_iters"):
         if getattr(cfg, name) < 1:
             _fail(name, getattr(cfg, name), "must be a positive integer")
-    if cfg.num_clusters < 2:
-        _fail("num_clusters", cfg.num_clusters, "DeepCluster needs at least 2 clusters")
+    if cfg.num_clusters < 2 and cfg.num_clusters != AUTO_CLUSTERS:
+        _fail("num_clusters", cfg.num_clusters, "DeepCluster needs at least 2 clusters (0: "
+              "chosen from the number of images)")
     for name in ("max_examples", "pca_dim"):
         if getattr(cfg, name) < 0:
             _fail(name, getattr(cfg, name), "must be >= 0 (0 means: all / no PCA)")
@@ -265,22 +269,24 @@ def check_against_data(cfg: TrainConfig, feature_dim: Optional[int],
         problems.append(f"--{flag}={value}: {why}")
 
     if cfg.batch_size > n:
-        problem("batch_size", cfg.batch_size, f"exceeds {images}; lower it")
+        problem("batch_size", cfg.batch_size, f"exceeds {images}; use at most {n}")
     if cfg.method == "deepcluster_v2":
         if max(cfg.num_prototypes) > n:
             problem("num_prototypes", ",".join(map(str, cfg.num_prototypes)),
-                    f"a head has more prototypes than {images}; lower it")
+                    f"a head has more prototypes than {images}; use at most {n} per head")
     else:
         if cfg.num_clusters > n:
             problem("num_clusters", cfg.num_clusters,
-                    f"exceeds {images}; lower it (over-clustering, about 10x the number of "
-                    "classes, is the usual advice)")
+                    f"exceeds {images}; use at most {n}, or 0 to have it chosen from the number "
+                    f"of images ({auto_num_clusters(n)} here; over-clustering, about 10x the "
+                    "number of classes, is the usual advice)")
         if feature_dim is not None and cfg.pca_dim > feature_dim:
             problem("pca_dim", cfg.pca_dim, f"exceeds the {feature_dim}-d clustering feature of "
-                    f"--arch={cfg.arch}; lower it, or 0 for no PCA")
+                    f"--arch={cfg.arch}; use at most {feature_dim}, or 0 for no PCA")
         elif cfg.pca_dim > min(n, cfg.pca_sample):
             problem("pca_dim", cfg.pca_dim, "PCA needs at least as many images as dimensions "
-                    f"but only {min(n, cfg.pca_sample)} are sampled; lower --pca_dim or add data")
+                    f"but only {min(n, cfg.pca_sample)} are sampled; use at most "
+                    f"{min(n, cfg.pca_sample)} (or 0 for no PCA), or add data")
     if problems:
         raise ConfigError("; ".join(problems))
 
@@ -301,7 +307,17 @@ def check_resumable(saved: TrainConfig, cfg: TrainConfig) -> None:
                           "--overwrite to delete the old run")
 
 
+def auto_num_clusters(num_examples: int) -> int:
+    """k for --num_clusters=0: one cluster per 40 images, between 2 and 100. bench/RESULTS.md §4
+    (Fashion-MNIST, 10 classes) found NMI with the labels highest at 30 to 100 clusters and
+    lowest below about 40 images per cluster, where FAISS also warns."""
+    return max(2, min(100, num_examples // 40))
+
+
 def with_data(cfg: TrainConfig, channels: int, num_examples: int, **fields) -> TrainConfig:
-    """The configuration completed with what the opened dataset says."""
+    """The configuration completed with what the opened dataset says (and --num_clusters=0
+    resolved to auto_num_clusters of its images)."""
+    if cfg.num_clusters == AUTO_CLUSTERS and "num_clusters" not in fields:
+        fields["num_clusters"] = auto_num_clusters(num_examples)
     return dataclasses.replace(cfg, channels=channels, num_examples=num_examples, **fields)
 

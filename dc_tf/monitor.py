@@ -11,7 +11,8 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from dc_tf import failpoints, fileio
+from dc_tf import console, failpoints, fileio
+from dc_tf.console import figure
 from dc_tf.recluster import ReclusterCallback
 
 
@@ -56,6 +57,10 @@ def truncate_metrics(path: str, before_epoch: int) -> None:
         fileio.atomic_write(path, b"".join(keep))
 
 
+# The figures of the one line logged per epoch (all of them are in metrics.jsonl).
+_EPOCH_LINE = ("loss", "accuracy", "nmi_prev", "nmi_labels", "empty_clusters")
+
+
 def _finite_or_none(value):
     return None if value is None or not math.isfinite(value) else value
 
@@ -67,6 +72,8 @@ class RunLogger(keras.callbacks.Callback):
       model_dir: the run folder (metrics.jsonl, logs/).
       recluster: the ReclusterCallback whose `stats` describe the epoch's clustering.
       batch_size, steps_per_epoch: to count training images.
+      log_every_s: seconds between progress lines within an epoch; none on a terminal, where
+        Keras's progress bar shows the progress.
     The learning rate logged is the model's optimiser's at the epoch's end.
     """
 
@@ -74,7 +81,8 @@ class RunLogger(keras.callbacks.Callback):
                  steps_per_epoch: int, log_every_s: float = 60.0):
         super().__init__()
         self.batch_size, self.steps_per_epoch = batch_size, steps_per_epoch
-        self.log_every_s, self._last_log, self._epoch, self._steps = log_every_s, 0.0, 0, 0
+        self.log_every_s = None if console.interactive() else log_every_s
+        self._last_log, self._epoch, self._steps = 0.0, 0, 0
         self.path = os.path.join(model_dir, "metrics.jsonl")
         self.writer = tf.summary.create_file_writer(os.path.join(model_dir, "logs"))
         self.recluster = recluster
@@ -88,11 +96,13 @@ class RunLogger(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         self._steps = batch + 1
         now = time.time()
-        if now - self._last_log > self.log_every_s:
+        if self.log_every_s is not None and now - self._last_log > self.log_every_s:
             self._last_log = now
-            logging.info("epoch %d: step %d/%d, loss %.4f, %.0f images/s", self._epoch, batch + 1,
-                         self.steps_per_epoch, float(logs["loss"]),
-                         (batch + 1) * self.batch_size / (now - self._train_start))
+            rate = (batch + 1) / (now - self._train_start)  # steps per second
+            logging.info("epoch %d: step %d/%d, loss %.4f, %.0f images/s, %.0f s left in the "
+                         "epoch", self._epoch, batch + 1, self.steps_per_epoch,
+                         float(logs["loss"]), rate * self.batch_size,
+                         (self.steps_per_epoch - batch - 1) / rate)
 
     def on_epoch_end(self, epoch, logs=None):
         if not math.isfinite(logs["loss"]):
@@ -117,6 +127,6 @@ class RunLogger(keras.callbacks.Callback):
             if sizes is not None:
                 tf.summary.histogram("cluster_sizes", np.asarray(sizes, np.float32))
         self.writer.flush()
-        logging.info("epoch %d: %s", epoch, ", ".join(
-            f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()
-            if k != "epoch"))
+        logging.info("epoch %d: %s; trained in %.0f s (%.0f images/s)", epoch, ", ".join(
+            f"{key} {figure(row.get(key))}" for key in _EPOCH_LINE if key in row),
+            seconds, row["train_images_per_s"])

@@ -21,6 +21,7 @@ import tensorflow as tf
 from absl import logging
 
 from dc_tf import clustering, distribute
+from dc_tf.console import figure
 from dc_tf.features import extract_features
 from dc_tf.recluster import (FinalClustering, assignment_path, empty_stats,
                              previous_assignment, save_array, save_final)
@@ -108,8 +109,8 @@ class PrototypeCallback(keras.callbacks.Callback):
             cluster_sizes=clustering.cluster_sizes(labels, self.num_prototypes[0]))
         logging.info("epoch %d: spherical k-means of the bank into %s prototypes in %.1fs, "
                      "nmi_prev %s, nmi_labels %s", epoch, self.num_prototypes,
-                     self.stats["time_cluster_s"], self.stats["nmi_prev"],
-                     self.stats["nmi_labels"])
+                     self.stats["time_cluster_s"], figure(self.stats["nmi_prev"]),
+                     figure(self.stats["nmi_labels"]))
         save_array(assignment_path(self.model_dir, epoch), labels)
         self.previous = labels
 

@@ -18,6 +18,7 @@ import tensorflow as tf
 from absl import logging
 
 from dc_tf import clustering, distribute, failpoints, fileio
+from dc_tf.console import figure
 from dc_tf.features import FeaturePass, extract_features
 
 
@@ -131,7 +132,8 @@ def save_final(model_dir: str, final: FinalClustering, figures: dict) -> None:
                         json.dumps(figures, indent=1))
     final.save(model_dir)
     failpoints.reach("final.saved")
-    logging.info("final clustering: %s", figures)
+    logging.info("final clustering: %s", ", ".join(f"{key} {figure(value)}"
+                                                    for key, value in figures.items()))
 
 
 def empty_stats() -> dict:
@@ -277,7 +279,7 @@ class ReclusterCallback(keras.callbacks.Callback):
             cluster_sizes=clustering.cluster_sizes(labels, self.clusterer.k))
         logging.info("epoch %d: clustered in %.1fs, loss %.4f, %d empty clusters, nmi_prev %s, "
                      "nmi_labels %s", epoch, self.stats["time_cluster_s"], loss, empty,
-                     self.stats["nmi_prev"], self.stats["nmi_labels"])
+                     figure(self.stats["nmi_prev"]), figure(self.stats["nmi_labels"]))
 
     @tf.function
     def _assign(self, features, present, epoch):

@@ -13,7 +13,12 @@ import errno
 import math
 import os
 import sys
+import time
 from typing import Optional
+
+from dc_tf import console
+
+console.quiet_tensorflow_startup()  # before TensorFlow loads, which the imports below do
 
 import faiss
 import keras
@@ -21,7 +26,8 @@ import numpy as np
 import tensorflow as tf
 from absl import app, flags, logging
 
-from dc_tf import config, data, distribute, failpoints, models, optim, run_dir, train_flags
+from dc_tf import (config, data, distribute, failpoints, models, optim, report, run_dir,
+                   train_flags)
 from dc_tf.checkpoint import CheckpointCallback, NonFiniteLossError, RunCheckpoint
 from dc_tf.data import pipelines
 from dc_tf.export import export_saved_model
@@ -30,6 +36,7 @@ from dc_tf.monitor import RunLogger, truncate_metrics
 from dc_tf.prototypes import PrototypeCallback
 from dc_tf.recluster import (Clusterer, FinalClustering, FixedLabelsCallback,
                              ReclusterCallback)
+from dc_tf.report import ReportCallback
 from dc_tf.visualization.cluster_montage import ClusterMontageCallback
 
 
@@ -124,9 +131,11 @@ def _train(cfg: config.TrainConfig, source: data.Source, backbone: keras.Model,
     model_dir = distribute.write_dir(strategy, cfg.model_dir)
     if chief:
         data.write_index_map(source, os.path.join(model_dir, "examples.tsv"))
-    logging.info("configuration:\n%s", cfg.to_json())
-    logging.info("dataset %s: %d images, %d channel(s)", source.name, source.num_examples,
-                 source.channels)
+    logging.debug("configuration:\n%s", cfg.to_json())
+    logging.info("%s: %s on %s (%d images, %d channel(s)), %d epochs of batch %d; every setting "
+                 "in %s", cfg.model_dir, cfg.method, source.name, source.num_examples,
+                 source.channels, cfg.epochs, cfg.batch_size,
+                 os.path.join(cfg.model_dir, "config.json"))
     # A GPU machine whose CUDA libraries TensorFlow cannot load trains on the CPU after a single
     # warning (bench/RESULTS.md §9): say where the run goes.
     gpus, faiss_gpus = tf.config.list_physical_devices("GPU"), faiss.get_num_gpus()
@@ -198,6 +207,7 @@ def _train(cfg: config.TrainConfig, source: data.Source, backbone: keras.Model,
     callbacks = [labeller,
                  *([ClusterMontageCallback(source, model_dir, cfg.seed)] if montage else []),
                  RunLogger(model_dir, labeller, cfg.batch_size, steps_per_epoch),
+                 *([ReportCallback(model_dir, source)] if chief else []),
                  saver]
 
     # ---------------------------------------------------------------- train
@@ -207,14 +217,20 @@ def _train(cfg: config.TrainConfig, source: data.Source, backbone: keras.Model,
         # No steps_per_epoch: with it, Keras would keep one iterator across epochs, and batches
         # drawn before a reclustering would be trained on after it (training_dataset).
         model.fit(train_data, epochs=cfg.epochs, initial_epoch=initial_epoch,
-                  callbacks=callbacks, shuffle=False, verbose=2)
+                  callbacks=callbacks, shuffle=False, verbose=_verbosity())
     if not _finished(cfg, source, saver, checkpoint, labeller, model_dir):
         return
 
     # ---------------------------------------------------------------- final clustering, export
     final = (None if cfg.supervised
              else _final_clustering(cfg, strategy, labeller, source, model_dir))
-    _export(cfg, strategy, backbone, cluster_endpoint, final, model_dir)
+    _export(cfg, strategy, backbone, cluster_endpoint, final, model_dir, source)
+
+
+def _verbosity() -> int:
+    """Keras's progress bar (with the epoch's time left) on a terminal; otherwise none, and the
+    RunLogger's line a minute stands in for it."""
+    return 1 if console.interactive() else 0
 
 
 def _final_clustering(cfg: config.TrainConfig, strategy: tf.distribute.Strategy, labeller,
@@ -241,8 +257,10 @@ def _list_skipped(source: data.Source, labeller, model_dir: str) -> None:
 
 
 def _export(cfg: config.TrainConfig, strategy: tf.distribute.Strategy, network: keras.Model,
-            assign_endpoint: str, final: Optional[FinalClustering], model_dir: str) -> None:
-    """The chief exports `network` (its `assign` signature reads `assign_endpoint`)."""
+            assign_endpoint: str, final: Optional[FinalClustering], model_dir: str,
+            source: data.Source) -> None:
+    """The chief exports `network` (its `assign` signature reads `assign_endpoint`), then writes
+    the run's report once more, now with the final clustering."""
     if not distribute.is_chief(strategy):
         logging.info("worker done: the chief exports to %s/export", cfg.model_dir)
         return
@@ -250,6 +268,7 @@ def _export(cfg: config.TrainConfig, strategy: tf.distribute.Strategy, network: 
                               cfg.channels, models.min_image_size(cfg.arch), assign_endpoint,
                               final)
     logging.info("exported %s to %s", ", ".join(sorted(network.output)), path)
+    report.write_run_report(model_dir, source)
 
 
 def _finished(cfg: config.TrainConfig, source: data.Source, saver: CheckpointCallback,
@@ -302,25 +321,27 @@ def _train_v2(cfg: config.TrainConfig, source: data.Source, model: DeepClusterV2
     callbacks = [labeller,
                  *([ClusterMontageCallback(source, model_dir, cfg.seed)] if chief else []),
                  RunLogger(model_dir, labeller, cfg.batch_size, steps_per_epoch),
+                 *([ReportCallback(model_dir, source)] if chief else []),
                  saver]
     if initial_epoch < cfg.epochs:
         logging.info("training epochs %d..%d (DeepCluster-v2), %d steps of %d images, %d "
                      "crops each", initial_epoch, cfg.epochs - 1, steps_per_epoch,
                      cfg.batch_size, cfg.global_crops + cfg.local_crops)
         model.fit(train_data, epochs=cfg.epochs, initial_epoch=initial_epoch,
-                  callbacks=callbacks, shuffle=False, verbose=2)
+                  callbacks=callbacks, shuffle=False, verbose=_verbosity())
     if not _finished(cfg, source, saver, checkpoint, labeller, model_dir):
         return
     _export(cfg, strategy, model.export_network(), "embedding",
-            _final_clustering(cfg, strategy, labeller, source, model_dir), model_dir)
+            _final_clustering(cfg, strategy, labeller, source, model_dir), model_dir, source)
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    console.quiet_library_info()
+    start = time.time()
     try:
-        cfg = config.validate(train_flags.config_from_flags())
-        run(cfg, overwrite=flags.FLAGS.overwrite)
+        cfg = run(config.validate(train_flags.config_from_flags()), overwrite=flags.FLAGS.overwrite)
     except (config.ConfigError, data.DatasetNotFoundError, NonFiniteLossError) as e:
         logging.error("%s", e)
         sys.exit(f"error: {e}")
@@ -338,6 +359,8 @@ def main(argv):
                    "some space (or move the folder) and re-run the same command to resume.")
         logging.error("%s", message)
         sys.exit(f"error: {message}")
+    if os.path.isdir(os.path.join(cfg.model_dir, "export")):
+        print(console.closing_block(cfg, time.time() - start))
 
 
 def _disk_full(error: Exception) -> bool:

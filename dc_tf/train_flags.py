@@ -35,7 +35,8 @@ flags.DEFINE_list("mean", _pair(_D.mean), "Per-channel mean of pixels in [0, 1].
 flags.DEFINE_list("std", _pair(_D.std), "Per-channel standard deviation of pixels in [0, 1].")
 flags.DEFINE_list("crop_scale", _pair(_D.crop_scale), "Random resized crop: area fraction min,max.")
 flags.DEFINE_list("crop_ratio", _pair(_D.crop_ratio), "Random resized crop: aspect ratio min,max.")
-flags.DEFINE_integer("num_clusters", _D.num_clusters, "k, the number of clusters (paper: 10000).")
+flags.DEFINE_integer("num_clusters", _D.num_clusters, "k, the number of clusters (paper: 10000); 0: one per 40 images, "
+                     "between 2 and 100.")
 flags.DEFINE_string("clustering", _D.clustering, "kmeans or pic.")
 flags.DEFINE_integer("pca_dim", _D.pca_dim, "PCA-whitening dimension before clustering (0 = no PCA).")
 flags.DEFINE_integer("pca_sample", _D.pca_sample, "Number of images the PCA is fitted on.")

@@ -1,7 +1,8 @@
 """The pipeline's report: probe tables, training curves, cluster sizes and the blessing.
 
-`write_report` writes report.md and report.html (the same content) and the PNG plots they link
-into one folder. Blessing follows TFX's Evaluator: each `Threshold` is a rule kept as data, e.g.
+`write_report` writes report.md and report.html (the same content, rendered by dc_tf.report;
+the HTML page embeds its plots, the markdown page links the PNG files written beside it) into
+one folder. Blessing follows TFX's Evaluator: each `Threshold` is a rule kept as data, e.g.
 Threshold("DeepCluster", "knn_top1", baseline="Random", margin=0.01) for "DeepCluster kNN top-1
 >= Random + 1 point". A rule passes only when noise cannot flip it: each figure gets a 95 %
 interval over the test images (a paired bootstrap of per-image hits for accuracies; random
@@ -14,21 +15,15 @@ does not bless.
 import dataclasses
 import datetime
 import glob
-import html
-import json
 import os
 import re
 
-import matplotlib
 import numpy as np
 
-matplotlib.use("Agg")  # files only; no display on build machines
-import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-
-from dc_tf.config import ConfigError  # noqa: E402
-from eval import metrics  # noqa: E402
-from eval.linear_probe import markdown_table  # noqa: E402
+from dc_tf import fileio, report as pages
+from dc_tf.config import ConfigError
+from eval import metrics
+from eval.linear_probe import markdown_table
 
 # Metric name -> where it sits in a model's record of eval.linear_probe's JSON.
 _MODEL_METRICS = {"knn_top1": ("knn", "top1"), "knn_top5": ("knn", "top5"),
@@ -171,47 +166,6 @@ def _with_interval(value, bounds) -> str:
 
 # ------------------------------------------------------------------------------ training runs
 
-def read_metrics(model_dir: str) -> list:
-    """The rows of MODEL_DIR/metrics.jsonl ([] for a run without epochs, e.g. Random)."""
-    path = os.path.join(model_dir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def last_assignment(model_dir: str):
-    """(epoch, int32 [N] pseudo-labels) of the last epoch of a DeepCluster run, else None.
-
-    Supervised runs are skipped: their "assignments" are the ground-truth labels.
-    """
-    with open(os.path.join(model_dir, "config.json")) as f:
-        if json.load(f).get("supervised"):
-            return None
-    files = sorted(glob.glob(os.path.join(model_dir, "assignments", "epoch_*.npy")))
-    if not files:
-        return None
-    epoch = int(re.search(r"epoch_(\d+)\.npy$", files[-1]).group(1))
-    return epoch, np.load(files[-1])
-
-
-def _plot(path: str, title: str, xlabel: str, ylabel: str, series: list, log_y=False) -> str:
-    """One line per (label, x, y) in series, saved as a PNG; returns the file name."""
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    for label, x, y in series:
-        ax.plot(x, y, marker="o" if len(x) < 30 else None, label=label)
-    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs, ranks
-    if log_y:
-        ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return os.path.basename(path)
-
-
 def _slug(text: str) -> str:
     return re.sub(r"[^\w]+", "_", text).strip("_").lower()
 
@@ -254,15 +208,14 @@ def write_report(out_dir: str, title: str, probe_reports: dict, runs: dict, thre
             layers = list(row["probes"])
             series.append((row["name"], layers,
                            [100 * row["probes"][layer]["top1_best"] for layer in layers]))
-        name = _plot(os.path.join(out_dir, f"probe_{_slug(probe_title)}.png"),
-                     f"Linear probe top-1 per layer ({probe_title})", "layer",
-                     "top-1 % (best epoch)", series)
-        blocks.append(("img", name, f"probe top-1 per layer, {probe_title}"))
+        blocks.append(("img", pages.plot(f"probe_{_slug(probe_title)}.png",
+                                         f"Linear probe top-1 per layer ({probe_title})", "layer",
+                                         "top-1 % (best epoch)", series)))
 
     for section, tables in (evaluation_tables or {}).items():
         blocks += [("h2", section), *(("md", table) for table in tables)]
 
-    metrics = {label: read_metrics(path) for label, path in runs.items()}
+    metrics = {label: pages.read_metrics(path) for label, path in runs.items()}
     keys = ["loss", "nmi_labels", "nmi_prev", "empty_clusters"]
     if metrics:
         blocks.append(("h2", "Training"))
@@ -277,76 +230,27 @@ def write_report(out_dir: str, title: str, probe_reports: dict, runs: dict, thre
            for label, rows in metrics.items() for key in ("nmi_labels", "nmi_prev")]
     nmi = [s for s in nmi if s[1]]
     if nmi:
-        blocks.append(("img", _plot(os.path.join(out_dir, "nmi.png"), "NMI over epochs", "epoch",
-                                    "NMI", nmi), "NMI with labels and with the previous epoch"))
+        blocks.append(("img", pages.plot("nmi.png", "NMI over epochs", "epoch", "NMI", nmi)))
     loss = [(label, [r["epoch"] for r in rows], [r["loss"] for r in rows])
             for label, rows in metrics.items() if rows]
     if loss:
-        blocks.append(("img", _plot(os.path.join(out_dir, "loss.png"), "Training loss", "epoch",
-                                    "loss", loss), "training loss"))
+        blocks.append(("img", pages.plot("loss.png", "Training loss", "epoch", "loss", loss)))
     sizes = []
     for label, path in runs.items():
-        last = last_assignment(path)
+        last = pages.last_assignment(path)
         if last is not None:
             counts = np.bincount(last[1][last[1] >= 0])
             counts = np.sort(counts[counts > 0])[::-1]
-            sizes.append((f"{label} (epoch {last[0]})", np.arange(1, len(counts) + 1), counts))
+            sizes.append((f"{label} ({last[0]})", np.arange(1, len(counts) + 1), counts))
     if sizes:
-        blocks.append(("img", _plot(os.path.join(out_dir, "cluster_sizes.png"),
-                                    "Cluster sizes at the last epoch", "cluster (largest first)",
-                                    "images", sizes, log_y=True), "cluster-size distribution"))
+        blocks.append(("img", pages.plot("cluster_sizes.png", "Cluster sizes, newest clustering",
+                                         "cluster (largest first)", "images", sizes,
+                                         log_y=True)))
 
-
+    for kind, *args in blocks:  # the markdown page links the plots by file name
+        if kind == "img":
+            fileio.atomic_write(os.path.join(out_dir, args[0].name), args[0].png)
+    fileio.atomic_write(os.path.join(out_dir, "report.html"), pages.html_page(title, blocks))
     path = os.path.join(out_dir, "report.md")
-    for name, text in (("report.md", _markdown(blocks)), ("report.html", _html(title, blocks))):
-        with open(os.path.join(out_dir, name + ".tmp"), "w") as f:
-            f.write(text)
-        os.replace(os.path.join(out_dir, name + ".tmp"), os.path.join(out_dir, name))
+    fileio.atomic_write(path, pages.markdown_page(blocks))
     return path
-
-
-def _markdown(blocks: list) -> str:
-    out = []
-    for kind, *args in blocks:
-        if kind in ("h1", "h2"):
-            out.append("#" * int(kind[1]) + " " + args[0])
-        elif kind in ("p", "md"):
-            out.append(args[0])
-        elif kind == "table":
-            header, rows = args
-            out.append("\n".join(["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
-                                 + ["| " + " | ".join(row) + " |" for row in rows]))
-        elif kind == "img":
-            out.append(f"![{args[1]}]({args[0]})")
-    return "\n\n".join(out) + "\n"
-
-
-def _html_table(header: list, rows: list) -> str:
-    def cells(row, tag):
-        return "".join(f"<{tag}>{html.escape(c)}</{tag}>" for c in row)
-    return ("<table><tr>" + cells(header, "th") + "</tr>"
-            + "".join(f"<tr>{cells(row, 'td')}</tr>" for row in rows) + "</table>")
-
-
-def _html(title: str, blocks: list) -> str:
-    out = []
-    for kind, *args in blocks:
-        if kind in ("h1", "h2"):
-            out.append(f"<{kind}>{html.escape(args[0])}</{kind}>")
-        elif kind == "p":
-            out.append(f"<p>{html.escape(args[0])}</p>")
-        elif kind == "md":  # markdown_table: a caption paragraph, then a pipe table
-            lines = args[0].splitlines()
-            text = " ".join(line for line in lines if line and not line.startswith("|"))
-            rows = [[c.strip() for c in line.strip("|").split("|")]
-                    for line in lines if line.startswith("|") and not line.startswith("|---")]
-            out.append(f"<p>{html.escape(text)}</p>" + _html_table(rows[0], rows[1:]))
-        elif kind == "table":
-            out.append(_html_table(*args))
-        elif kind == "img":
-            out.append(f'<p><img src="{html.escape(args[0])}" alt="{html.escape(args[1])}"></p>')
-    style = ("body{font-family:sans-serif;max-width:60em;margin:auto}table{border-collapse:"
-             "collapse}td,th{border:1px solid #ccc;padding:2px 6px}")
-    return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}"
-            f"</title><style>{style}</style></head><body>\n" + "\n".join(out)
-            + "\n</body></html>\n")

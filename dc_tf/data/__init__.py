@@ -18,6 +18,9 @@ from dc_tf.data.sources import (IMAGE_EXTENSIONS, ArraySource, FolderSource, Sou
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 _FASHION_FILES = {"train": "train", "test": "t10k"}
+# Label i's name (Xiao et al. 2017, the data set's README).
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                         "Sneaker", "Bag", "Ankle boot")
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -108,8 +111,10 @@ def _first(source: Source, n: int) -> Source:
         return source
     labels = None if source.labels is None else source.labels[:n]
     if isinstance(source, ArraySource):
-        return ArraySource(source.name, n, source.channels, labels, images=source.images[:n])
-    return FolderSource(source.name, n, source.channels, labels, root=source.root,
+        return ArraySource(source.name, n, source.channels, labels, images=source.images[:n],
+                           class_names=source.class_names)
+    return FolderSource(source.name, n, source.channels, labels, class_names=source.class_names,
+                        root=source.root,
                         paths=source.paths[:n], refusals=source.refusals[:n])
 
 
@@ -136,7 +141,8 @@ def _fashion_mnist(split: str, data_dir: str) -> Source:
             "or point --data_dir at a folder with the IDX files or a TFDS data dir.")
     # Zero-pad 28x28 to 32x32 so three 2x2 pools of small_vgg divide evenly.
     images = np.pad(images, ((0, 0), (2, 2), (2, 2)))[..., None]
-    return ArraySource(name, len(images), 1, labels.astype(np.int64), images=images)
+    return ArraySource(name, len(images), 1, labels.astype(np.int64), images=images,
+                       class_names=FASHION_MNIST_CLASSES)
 
 
 def _folder(root: str) -> Source:
@@ -161,8 +167,10 @@ def _folder(root: str) -> Source:
         lookup = {c: i for i, c in enumerate(names)}
         labels = np.array([lookup[c] for c in classes], np.int64)
     else:
-        labels = None
-    source = FolderSource(f"folder:{root}", len(paths), 3, labels, root=root, paths=tuple(paths),
+        names, labels = None, None
+    source = FolderSource(f"folder:{root}", len(paths), 3, labels,
+                          class_names=None if names is None else tuple(names), root=root,
+                          paths=tuple(paths),
                           refusals=tuple(refusal(os.path.join(root, p)) for p in paths))
     refused = [i for i, reason in enumerate(source.refusals) if reason]
     if refused:
@@ -196,6 +204,8 @@ def _tfds(dataset: str, name: str, split: str, data_dir: str, max_examples: int)
         k for k, v in features.items() if isinstance(v, tfds.features.Image))
     label_key = "label" if "label" in features else None
     channels = features[image_key].shape[-1] or 3
+    names = getattr(features[label_key], "names", None) if label_key else None
     return TFDSSource(dataset, builder.info.splits[split].num_examples, channels, None,
-                      random_access=False, builder=builder, split=split, image_key=image_key,
+                      random_access=False, class_names=tuple(names) if names else None,
+                      builder=builder, split=split, image_key=image_key,
                       label_key=label_key)

@@ -247,6 +247,7 @@ class Source(abc.ABC):
       labels: int64 [N] ground-truth labels for monitoring, -1 where unknown; None when the
         labels are only learnt while reading (record sources fill them in the feature pass).
       random_access: whether `decode` can read any index without reading the others.
+      class_names: the name of each label (label i is class_names[i]) when the data set has them.
       decodes_batches: whether `decode` also takes a vector of indices (images of one size that
         cannot fail to decode), so a pipeline may batch before decoding.
     """
@@ -255,6 +256,7 @@ class Source(abc.ABC):
     channels: int
     labels: Optional[np.ndarray]
     random_access: bool = True
+    class_names: Optional[tuple] = None
     decodes_batches: ClassVar[bool] = False
 
     def triples(self, order: Optional[np.ndarray] = None,

@@ -51,11 +51,15 @@ def pick_clusters(assignment: np.ndarray, num_clusters: int, per_cluster: int, s
     return picks
 
 
-def caption_text(row: dict) -> str:
-    """'cluster 7: 523 images, majority label 3, purity 0.87' from a clusters.cluster_table row."""
+def caption_text(row: dict, class_names=None) -> str:
+    """'cluster 7: 523 images, majority label 3, purity 0.87' from a clusters.cluster_table row;
+    with class_names, the label's name ('majority Sneaker')."""
     text = f"cluster {row['cluster']}: {row['size']} images"
     if "purity" in row:
-        text += f", majority label {row['majority_label']}, purity {row['purity']:.2f}"
+        label = row["majority_label"]
+        named = class_names is not None and 0 <= label < len(class_names)
+        text += (f", majority {class_names[label]}" if named else f", majority label {label}")
+        text += f", purity {row['purity']:.2f}"
     return text
 
 
@@ -88,7 +92,7 @@ def cluster_montage(source: data.Source, assignment: np.ndarray, seed,
         thumbs = np.stack([montage.to_rgb(views[i]) if i in views else blank
                            for i in members.tolist()])
         cells = montage.grid(thumbs, per_cluster, cells=per_cluster)
-        blocks.append(montage.caption(cells, caption_text(rows[c])))
+        blocks.append(montage.caption(cells, caption_text(rows[c], source.class_names)))
     return montage.stack(blocks)
 
 
