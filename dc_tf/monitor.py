@@ -127,6 +127,8 @@ class RunLogger(keras.callbacks.Callback):
             if sizes is not None:
                 tf.summary.histogram("cluster_sizes", np.asarray(sizes, np.float32))
         self.writer.flush()
+        if self.log_every_s is None:  # a terminal: end the progress bar's line first
+            print(flush=True)
         logging.info("epoch %d: %s; trained in %.0f s (%.0f images/s)", epoch, ", ".join(
             f"{key} {figure(row.get(key))}" for key in _EPOCH_LINE if key in row),
             seconds, row["train_images_per_s"])

@@ -139,6 +139,10 @@ def test_fit_two_epochs_of_v2_writes_the_model_dir_layout(trained_v2):
         assert labels.shape == (512,) and labels.min() >= 0 and labels.max() < 10, name
     with open(os.path.join(d, "config.json")) as f:
         assert json.load(f)["method"] == "deepcluster_v2"
+    with open(os.path.join(d, "report.html"), encoding="utf-8") as f:
+        page = f.read()  # the same page as DeepCluster's, its curves, table and gallery
+    assert "DeepCluster-v2, small_vgg, 10/10 prototypes" in page and "finished" in page
+    assert page.count("data:image/png;base64,") == 3 and "majority class" in page
 
 
 def test_resumed_v2_run_is_the_uninterrupted_one(trained_v2, tmp_path):

@@ -1,18 +1,17 @@
 """End to end: a real fit() with the real ReclusterCallback, the model_dir layout, the export
-reloaded in a process that never imports dc_tf, and resuming a killed run."""
+reloaded in a process that never imports dc_tf, and resuming (a killed run resuming is
+tests/reliability/test_kill_anywhere.py's)."""
 
 import importlib
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 
-from conftest import ROOT, config_from_flagfile
+from conftest import config_from_flagfile
 
 METRIC_FIELDS = {"epoch", "loss", "kmeans_loss", "nmi_prev", "nmi_labels", "empty_clusters",
                  "time_features_s", "time_cluster_s", "time_train_s", "train_images_per_s"}
@@ -142,35 +141,6 @@ def test_one_seed_gives_one_run_also_across_a_resume(trained, tmp_path):
         name = f"epoch_{epoch:04d}.npy"
         assert not np.array_equal(*(np.load(os.path.join(d, "assignments", name))
                                     for d in (trained.model_dir, other.model_dir)))
-
-
-def _train_cmd(model_dir, *args):
-    return [sys.executable, "-m", "dc_tf.train", "--flagfile=flags/smoke.cfg",
-            f"--model_dir={model_dir}", *args]
-
-
-def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
-    model_dir = tmp_path / "run"
-    cmd = _train_cmd(model_dir, "--epochs=3", "--max_examples=1024")
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    index = model_dir / "checkpoints" / "checkpoint"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if index.exists() and '"ckpt-1"' in index.read_text():
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    proc.send_signal(signal.SIGKILL)  # inside epoch 1: its checkpoint is not written yet
-    proc.wait()
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "resumed from" in result.stderr
-    assert [r["epoch"] for r in _metrics(model_dir)] == [0, 1, 2]
-    assert sorted(os.listdir(model_dir / "assignments")) == [
-        "epoch_0000.npy", "epoch_0001.npy", "epoch_0002.npy", "final.npy"]
-    assert (model_dir / "export" / "saved_model.pb").exists()
 
 
 def test_jit_compile_can_be_switched_on_when_resuming(smoke_config):
