@@ -245,28 +245,58 @@ def _skipped(model_dir: str) -> list:
     return blocks
 
 
+def _training(rows: list) -> list:
+    if not rows:
+        return [("h2", "Training"), ("p", "No epoch has finished yet.")]
+    keys = [key for key in ("loss", "accuracy", "kmeans_loss", "nmi_prev", "nmi_labels",
+                            "empty_clusters", "time_train_s") if key in rows[0]]
+    return [("h2", "Training"), *_curves(rows),
+            ("table", ["epoch", *keys], [[str(r["epoch"]), *(figure(r.get(key)) for key in keys)]
+                                         for r in rows])]
+
+
+def _clusters(model_dir: str, source, why_no_source: str, seed) -> list:
+    last = last_assignment(model_dir)
+    if last is None:
+        return []
+    what, assignment = last
+    counts = np.bincount(assignment[assignment >= 0])
+    counts = np.sort(counts[counts > 0])[::-1]
+    return [("h2", "Clusters"),
+            *(_gallery(source, assignment, what, seed) if source else
+              [("p", f"No gallery: the training images do not read back ({why_no_source}).")]),
+            ("p", f"The {what}: {len(counts)} non-empty clusters of "
+                  f"{int((assignment >= 0).sum())} images; sizes from {counts[-1]} to "
+                  f"{counts[0]}, median {int(np.median(counts))}. The largest:"),
+            *_cluster_table(assignment, load_examples(model_dir, len(assignment))[1],
+                            source.class_names if source else None),
+            ("img", plot("cluster_sizes.png", f"Cluster sizes ({what})",
+                         "cluster (largest first)", "images",
+                         [(what, np.arange(1, len(counts) + 1), counts)], log_y=True))]
+
+
 def run_blocks(model_dir: str, source=None) -> list:
-    """The blocks of MODEL_DIR's report page; `source`: the run's images when they are open
-    already (else opened from the configuration for the gallery)."""
+    """The blocks of MODEL_DIR's report page: what the run is, its clusters, its training, the
+    skipped images and the configuration. `source`: the run's images when they are open already
+    (else opened from the configuration for the gallery)."""
     from dc_tf.config import ConfigError
     from dc_tf.visualization.trained import load_config, open_source  # load TensorFlow
     cfg = load_config(model_dir)
-    unreadable = ""
+    why_no_source = ""
     if source is None:
         try:
             source = open_source(cfg)
         except (OSError, ConfigError) as e:  # a folder moved or deleted since the run
-            unreadable = str(e)
+            why_no_source = str(e)
     rows = read_metrics(model_dir)
     final_path = os.path.join(model_dir, "final_clustering.json")
     final = None
     if os.path.exists(final_path):
         with open(final_path) as f:
             final = json.load(f)
-    done = len(rows)
     status = ("finished, exported to " + os.path.join(model_dir, "export")
               if final is not None and os.path.isdir(os.path.join(model_dir, "export"))
-              else f"{done} of {cfg.epochs} epochs trained")
+              else f"{len(rows)} of {cfg.epochs} epochs trained")
     method = "DeepCluster-v2" if cfg.method == "deepcluster_v2" else (
         "supervised baseline" if cfg.supervised else "DeepCluster")
     k = (f"{'/'.join(map(str, cfg.num_prototypes))} prototypes"
@@ -276,41 +306,14 @@ def run_blocks(model_dir: str, source=None) -> list:
               ("p", f"{method}, {cfg.arch}, {k}, on {cfg.dataset} ({cfg.num_examples} images); "
                     f"{status}. Written {stamp}.")]
     if final is not None:
-        blocks += [("h2", "Final clustering"),
-                   ("table", ["field", "value"], [[key, figure(value)]
-                                                  for key, value in final.items()])]
-    blocks.append(("h2", "Training"))
-    if rows:
-        keys = [key for key in ("loss", "accuracy", "kmeans_loss", "nmi_prev", "nmi_labels",
-                                "empty_clusters", "time_train_s") if key in rows[0]]
-        blocks.append(("table", ["epoch", *keys],
-                       [[str(r["epoch"]), *(figure(r.get(key)) for key in keys)]
-                        for r in rows]))
-        blocks += _curves(rows)
-    else:
-        blocks.append(("p", "No epoch has finished yet."))
-    last = last_assignment(model_dir)
-    if last is not None:
-        what, assignment = last
-        counts = np.bincount(assignment[assignment >= 0])
-        counts = np.sort(counts[counts > 0])[::-1]
-        blocks += [("h2", "Clusters"),
-                   ("p", f"The {what}: {len(counts)} non-empty clusters of "
-                         f"{int((assignment >= 0).sum())} images; sizes from {counts[-1]} to "
-                         f"{counts[0]}, median {int(np.median(counts))}. The largest:"),
-                   *_cluster_table(assignment, load_examples(model_dir, len(assignment))[1],
-                                   source.class_names if source else None),
-                   ("img", plot("cluster_sizes.png", f"Cluster sizes ({what})",
-                                "cluster (largest first)", "images",
-                                [(what, np.arange(1, len(counts) + 1), counts)], log_y=True))]
-        blocks += (_gallery(source, assignment, what, (cfg.seed, done)) if source else
-                   [("p", f"No gallery: the training images do not read back ({unreadable}).")])
-    blocks += [("h2", "Skipped images"), *_skipped(model_dir),
-               ("h2", "Configuration"),
-               ("table", ["flag", "value"],
-                [[key, json.dumps(value)] for key, value in
-                 sorted(dataclasses.asdict(cfg).items())])]
-    return blocks
+        blocks.append(("p", "Final clustering: " + ", ".join(
+            f"{key} {figure(value)}" for key, value in final.items()) + "."))
+    return [*blocks, *_clusters(model_dir, source, why_no_source, (cfg.seed, len(rows))),
+            *_training(rows),
+            ("h2", "Skipped images"), *_skipped(model_dir),
+            ("h2", "Configuration"),
+            ("table", ["flag", "value"], [[key, json.dumps(value)] for key, value in
+                                          sorted(dataclasses.asdict(cfg).items())])]
 
 
 def write_run_report(model_dir: str, source=None) -> str:
