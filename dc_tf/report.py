@@ -4,11 +4,12 @@ r"""A training run's report page, and the HTML/markdown rendering the pipelines'
 
 dc_tf.train rewrites MODEL_DIR/report.html after every epoch and at the end; this command
 rebuilds it for any run, finished or not. The page is one static file that opens from disk
-(plots and montages are embedded as data: URIs, no script, no network): training curves (loss,
-pseudo-label accuracy, k-means loss, NMI with the previous clustering and with the labels when
-known, time per phase), the cluster sizes, a gallery of clusters (montages with each cluster's
-size and, with labels, its majority class and purity), the skipped images with their reasons,
-and the configuration.
+(plots and montages are embedded as data: URIs, no script, no network): what the run is and its
+final figures; a gallery of clusters (montages with each cluster's size and, with labels, its
+majority class and purity), the largest clusters and the cluster sizes; the training curves
+(loss, pseudo-label accuracy, k-means loss, NMI with the previous clustering and with the labels
+when known, time per phase) and the epochs' figures; the skipped images with their reasons; and
+the configuration.
 
 A page is a list of blocks, each a tuple: ("h1" | "h2" | "p", text), ("table", header, rows)
 with rows of strings, ("md", caption and pipe table as eval.linear_probe.markdown_table writes
