@@ -256,6 +256,14 @@ def _training(rows: list) -> list:
                                          for r in rows])]
 
 
+def _labels(model_dir: str, source, n: int) -> np.ndarray:
+    """The ground-truth labels of the clustered images: the open source's when it has them (no
+    read of examples.tsv at every epoch), else examples.tsv's."""
+    if source is not None and source.labels is not None and len(source.labels) == n:
+        return source.labels
+    return load_examples(model_dir, n)[1]
+
+
 def _clusters(model_dir: str, source, why_no_source: str, seed) -> list:
     last = last_assignment(model_dir)
     if last is None:
@@ -269,7 +277,7 @@ def _clusters(model_dir: str, source, why_no_source: str, seed) -> list:
             ("p", f"The {what}: {len(counts)} non-empty clusters of "
                   f"{int((assignment >= 0).sum())} images; sizes from {counts[-1]} to "
                   f"{counts[0]}, median {int(np.median(counts))}. The largest:"),
-            *_cluster_table(assignment, load_examples(model_dir, len(assignment))[1],
+            *_cluster_table(assignment, _labels(model_dir, source, len(assignment)),
                             source.class_names if source else None),
             ("img", plot("cluster_sizes.png", f"Cluster sizes ({what})",
                          "cluster (largest first)", "images",
