@@ -9,8 +9,8 @@ setup(
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["dc_tf", "dc_tf.*", "eval", "eval.*", "pipelines",
-                                    "pipelines.*"]),
+    packages=find_packages(include=["dc_core", "dc_core.*", "dc_tf", "dc_tf.*", "eval", "eval.*",
+                                    "pipelines", "pipelines.*"]),
     install_requires=[
         "tensorflow>=2.16,<3",  # 2.16 is the first release on Keras 3
         "keras>=3.3,<4",

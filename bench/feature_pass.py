@@ -29,9 +29,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from dc_core.sources import ArraySource
 from dc_tf import data, models, train_flags
 from dc_tf.data import pipelines
-from dc_tf.data.sources import ArraySource
 from dc_tf.features import extract_features
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -10,7 +10,7 @@ Features: a synthetic stand-in for DeepCluster's PCA-whitened, L2-normalised 256
 mixture of --num_clusters Gaussian blobs (centres N(0, I), within-blob deviation --spread)
 projected onto the unit sphere; or real features from a .npy file (--features, e.g. the
 `embedding` output of an export's `assign` signature over a dataset). Every mode runs
-`dc_tf.clustering.kmeans` with the same seed and iterations. Prints JSON: seconds per mode, each
+`dc_core.clustering.kmeans` with the same seed and iterations. Prints JSON: seconds per mode, each
 assignment's objective (sum of squared distances of every example to its returned cluster's
 returned centroid, computed here in float64), and for each mode besides exact its speed-up over
 exact, the relative gap of its objective and the NMI between its assignment and exact's (with
@@ -24,7 +24,7 @@ import time
 
 import numpy as np
 
-from dc_tf import clustering
+from dc_core import clustering
 
 
 def blobs(num_examples: int, num_clusters: int, dim: int, spread: float, seed: int) -> np.ndarray:

@@ -33,7 +33,7 @@ def main() -> None:
     import tensorflow as tf
 
     from dc_tf import export, models
-    from dc_tf.clustering import PCAWhitening
+    from dc_core.clustering import PCAWhitening
     from eval import rmac
 
     tmp = tempfile.mkdtemp(prefix="retrieval_bench_")

@@ -17,9 +17,9 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from dc_tf.clustering import acceptance_probabilities
+from dc_core.clustering import acceptance_probabilities
+from dc_core.sources import ArraySource
 from dc_tf.data.sampler import accepted_pairs, stream_key
-from dc_tf.data.sources import ArraySource
 
 
 def zipf_labels(num_examples: int, num_clusters: int, seed: int = 0) -> np.ndarray:

@@ -27,7 +27,7 @@ def plain_fit(cfg, epochs: int) -> float:
     import tensorflow as tf
 
     from dc_tf import data, models
-    from dc_tf.data import transforms
+    from dc_core import transforms
 
     source = data.open_source(cfg.dataset, cfg.data_dir, cfg.max_examples)
     # The same precision as the DeepCluster run (a float32 top layer, as DeepClusterModel's).

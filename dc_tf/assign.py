@@ -20,8 +20,10 @@ import numpy as np
 import tensorflow as tf
 from absl import app, flags, logging
 
-from dc_tf import data, fileio
-from dc_tf.data import pipelines, transforms
+from dc_core import fileio
+from dc_core import transforms
+from dc_tf import data
+from dc_tf.data import pipelines
 
 
 def _resize_size(model: str, image_size: int) -> int:

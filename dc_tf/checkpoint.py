@@ -11,7 +11,8 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from dc_tf import failpoints, fileio
+from dc_core import fileio
+from dc_tf import failpoints
 
 # The files of checkpoint N (RunCheckpoint.save numbers each by its completed epochs).
 _CHECKPOINT_FILE = re.compile(r"ckpt-(\d+)\.(?:index|data-\d+-of-\d+)")

@@ -16,7 +16,7 @@ import sys
 import numpy as np
 from absl import app, flags
 
-from dc_tf.fileio import from_printable
+from dc_core.fileio import from_printable
 
 
 def load_assignment(model_dir: str, epoch: str = "final") -> np.ndarray:

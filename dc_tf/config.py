@@ -12,13 +12,13 @@ import os
 import tempfile
 from typing import Optional
 
+from dc_core.clustering.kmeans import KMEANS_MODES
+from dc_core.errors import ConfigError
+
 # DeepCluster (Caron et al. 2018) or its successor DeepCluster-v2 (docs/protocols.md §9).
 METHODS = ("deepcluster", "deepcluster_v2")
 ARCHS = ("alexnet", "vgg16", "resnet50", "small_vgg")
 CLUSTERINGS = ("kmeans", "pic")
-# k-means: the paper's (exact, flat), FAISS's two-level clustering refined by one exact step, or
-# Lloyd iterations over each example's shortlist of nearest centroids (`clustering.kmeans`).
-KMEANS_MODES = ("exact", "two_level", "shortlist")
 # "default": one device; "mirrored": tf.distribute.MirroredStrategy over the local devices;
 # "multi_worker": MultiWorkerMirroredStrategy, the cluster read from TF_CONFIG.
 STRATEGIES = ("default", "mirrored", "multi_worker")
@@ -123,10 +123,6 @@ class TrainConfig:
             if name in fields:  # a run folder of an older dc_tf lacks the v2 fields
                 fields[name] = tuple(fields[name])
         return cls(**fields)
-
-
-class ConfigError(ValueError):
-    """A flag value no run can use; the message names the flag, the value and the fix."""
 
 
 def _fail(flag: str, value, why: str) -> None:

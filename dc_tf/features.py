@@ -16,7 +16,8 @@ import tensorflow as tf
 import threadpoolctl
 from absl import logging
 
-from dc_tf import clustering, distribute, failpoints
+from dc_core import clustering
+from dc_tf import distribute, failpoints
 
 # Rows whitened and normalised at a time when the PCA sample is stored (bounded temporaries).
 _STORE_ROWS = 8192

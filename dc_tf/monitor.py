@@ -11,7 +11,8 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from dc_tf import console, failpoints, fileio
+from dc_core import fileio
+from dc_tf import console, failpoints
 from dc_tf.console import figure
 from dc_tf.recluster import ReclusterCallback
 

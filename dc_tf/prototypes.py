@@ -20,7 +20,8 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from dc_tf import clustering, distribute
+from dc_core import clustering
+from dc_tf import distribute
 from dc_tf.console import figure
 from dc_tf.features import extract_features
 from dc_tf.recluster import (FinalClustering, assignment_path, empty_stats,

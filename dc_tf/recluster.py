@@ -17,7 +17,8 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from dc_tf import clustering, distribute, failpoints, fileio
+from dc_core import clustering, fileio
+from dc_tf import distribute, failpoints
 from dc_tf.console import figure
 from dc_tf.features import FeaturePass, extract_features
 

@@ -41,7 +41,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 from PIL import Image as PILImage  # noqa: E402
 
-from dc_tf import fileio  # noqa: E402
+from dc_core import fileio  # noqa: E402
 from dc_tf.clusters import cluster_table, load_examples  # noqa: E402
 from dc_tf.console import figure  # noqa: E402
 

@@ -11,7 +11,8 @@ from typing import Optional
 import numpy as np
 from absl import logging
 
-from dc_tf import checkpoint, config, fileio, monitor
+from dc_core import fileio
+from dc_tf import checkpoint, config, monitor
 
 
 class RunLock:

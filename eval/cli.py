@@ -10,7 +10,7 @@ import dataclasses
 
 from absl import flags
 
-from dc_tf.config import ConfigError
+from dc_core.errors import ConfigError
 
 _DEFINE = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer, float: flags.DEFINE_float,
            str: flags.DEFINE_string}

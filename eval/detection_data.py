@@ -24,7 +24,7 @@ import math
 import numpy as np
 import tensorflow as tf
 
-from dc_tf.config import ConfigError
+from dc_core.errors import ConfigError
 from eval import voc
 
 MAX_ASPECT = 1.5

@@ -40,7 +40,7 @@ import tensorflow as tf
 from keras_hub.models import (FeaturePyramidBackbone, RetinaNetBackbone,
                               RetinaNetObjectDetector)
 
-from dc_tf.config import ConfigError
+from dc_core.errors import ConfigError
 
 LEVELS = (3, 4, 5)  # fed by the backbone; the FPN adds 6 and 7
 MAX_LEVEL = 7

@@ -16,8 +16,8 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from dc_tf.config import ConfigError
-from dc_tf.data import transforms
+from dc_core import transforms
+from dc_core.errors import ConfigError
 
 TARGET_DIM = 9216
 _LOG_EVERY_S = 30.0

@@ -49,10 +49,10 @@ import numpy as np
 import tensorflow as tf
 from absl import app, flags, logging
 
-from dc_tf import data
-from dc_tf.clustering import kmeans, l2_normalize
-from dc_tf.config import ConfigError
-from dc_tf.data import transforms
+from dc_core import transforms
+from dc_core.clustering import kmeans, l2_normalize
+from dc_core.datasets import open_source
+from dc_core.errors import ConfigError, DatasetNotFoundError
 from eval import cli, metrics
 from eval.features import (ExportedBackbone, FeatureStore, Progress, SplitFeatures,
                            extract_features, view_dataset)
@@ -377,7 +377,7 @@ def evaluate_model(backbone: ExportedBackbone, name: str, train_source, test_sou
 
 
 def _open_labelled(dataset: str, data_dir: str, max_examples: int, flag: str):
-    source = data.open_source(dataset, data_dir, max_examples)
+    source = open_source(dataset, data_dir, max_examples)
     if source.labels is None and (source.random_access or source.label_key is None):
         raise ConfigError(f"--{flag}={dataset} has no labels (a folder needs one sub-folder per "
                           "class, a TFDS dataset a 'label' feature); the evaluation needs them")
@@ -450,7 +450,7 @@ def main(argv):
                       **values)
     try:
         report = run(cfg)
-    except (ConfigError, data.DatasetNotFoundError) as e:
+    except (ConfigError, DatasetNotFoundError) as e:
         logging.error("%s", e)
         sys.exit(f"error: {e}")
     print(markdown_table(report))

@@ -19,7 +19,7 @@ import scipy.optimize
 import scipy.stats
 import sklearn.metrics
 
-from dc_tf.clustering.stats import nmi
+from dc_core.clustering.stats import nmi
 
 __all__ = ["adjusted_rand_index", "bootstrap_interval", "clustering_accuracy",
            "half_sample_interval", "knn_class_scores", "nmi", "top_k_accuracy", "top_k_hits",

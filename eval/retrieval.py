@@ -41,7 +41,7 @@ import numpy as np
 import tensorflow as tf
 from absl import app, flags, logging
 
-from dc_tf.config import ConfigError
+from dc_core.errors import ConfigError
 from eval import cli, metrics, rmac
 
 DATASETS = ("roxford5k", "rparis6k", "oxford5k", "paris6k")

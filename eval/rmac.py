@@ -22,8 +22,8 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from dc_tf.clustering import PCAWhitening, fit_pca_whitening, l2_normalize
-from dc_tf.config import ConfigError
+from dc_core.clustering import PCAWhitening, fit_pca_whitening, l2_normalize
+from dc_core.errors import ConfigError
 from eval.features import Progress
 
 POOLINGS = ("rmac", "mac", "gem")
@@ -129,7 +129,7 @@ def aggregate(vectors: np.ndarray, whitening: Optional[PCAWhitening]) -> np.ndar
 # ------------------------------------------------------------------------------ whitening
 
 def fit_whitening(vectors: np.ndarray, dim: int = 0) -> PCAWhitening:
-    """PCA-whitening of regional vectors (`dc_tf.clustering.fit_pca_whitening`).
+    """PCA-whitening of regional vectors (`dc_core.clustering.fit_pca_whitening`).
 
     Args:
         vectors: float [n, c] L2-normalised regional vectors of the learning dataset.

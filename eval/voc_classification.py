@@ -45,8 +45,8 @@ import numpy as np
 import tensorflow as tf
 from absl import app, flags, logging
 
-from dc_tf.config import ConfigError
-from dc_tf.data import transforms
+from dc_core import transforms
+from dc_core.errors import ConfigError
 from eval import cli, metrics, voc, voc_svm
 from eval.features import ExportedBackbone
 from eval.voc_svm import ap_dict, image_batches, per_image

@@ -49,7 +49,7 @@ import numpy as np
 import tensorflow as tf
 from absl import app, flags, logging
 
-from dc_tf.config import ConfigError
+from dc_core.errors import ConfigError
 from eval import detection_data as data
 from eval import cli, metrics, voc
 from eval.detection_model import build_detector, pyramid_plan

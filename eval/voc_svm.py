@@ -34,8 +34,8 @@ from absl import logging
 from sklearn.model_selection import cross_val_score
 from sklearn.svm import LinearSVC
 
-from dc_tf.config import ConfigError
-from dc_tf.data import transforms
+from dc_core import transforms
+from dc_core.errors import ConfigError
 from eval import metrics, voc
 from eval.features import ExportedBackbone, Progress
 

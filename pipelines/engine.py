@@ -22,7 +22,7 @@ import traceback
 
 from absl import logging
 
-from dc_tf.config import ConfigError
+from dc_core.errors import ConfigError
 from pipelines import artifacts
 
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -20,8 +20,9 @@ import re
 
 import numpy as np
 
-from dc_tf import fileio, report as pages
-from dc_tf.config import ConfigError
+from dc_core import fileio
+from dc_core.errors import ConfigError
+from dc_tf import report as pages
 from eval import metrics
 from eval.linear_probe import markdown_table
 

@@ -22,7 +22,7 @@ def test_every_listed_source_exists():
 
 
 def test_every_module_is_listed():
-    modules = {os.path.relpath(p, ROOT) for pkg in ("dc_tf", "eval", "pipelines")
+    modules = {os.path.relpath(p, ROOT) for pkg in ("dc_core", "dc_tf", "eval", "pipelines")
                for p in glob.glob(os.path.join(ROOT, pkg, "**", "*.py"), recursive=True)}
     unlisted = sorted(modules - _listed_sources())
     assert not unlisted, f"modules missing from BUILD: {unlisted}"

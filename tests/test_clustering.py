@@ -1,4 +1,4 @@
-"""Tests of dc_tf.clustering: PCA whitening, FAISS k-means, PIC and assignment statistics.
+"""Tests of dc_core.clustering: PCA whitening, FAISS k-means, PIC and assignment statistics.
 
 Run: python -m pytest tests/test_clustering.py -q
 """
@@ -12,7 +12,7 @@ import scipy.sparse
 import scipy.stats
 import sklearn.metrics
 
-from dc_tf import clustering
+from dc_core import clustering
 
 
 def _sphere_blobs(seed, num_blobs, per_blob, dim, noise):
@@ -157,7 +157,7 @@ def test_shortlist_kmeans_holding_every_centroid_is_lloyd():
 
 def test_shortlist_kmeans_with_short_lists_is_close_to_exact(monkeypatch):
     # 64 separated blobs, k = 64, shortlists of 4: most assignments see 4 of the 64 centroids.
-    kmeans_module = importlib.import_module("dc_tf.clustering.kmeans")  # not the function
+    kmeans_module = importlib.import_module("dc_core.clustering.kmeans")  # not the function
     monkeypatch.setattr(kmeans_module, "SHORTLIST_SIZE", 4)
     x, truth = _many_blobs()
     exact = clustering.kmeans(x, 64, seed=7)

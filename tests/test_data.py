@@ -8,9 +8,10 @@ import pytest
 import tensorflow as tf
 
 from conftest import write_image
+from dc_core import sources, transforms
+from dc_core.sources import ArraySource
 from dc_tf import data
-from dc_tf.data import pipelines, transforms
-from dc_tf.data.sources import ArraySource
+from dc_tf.data import pipelines
 
 
 def _write_idx(path, array):
@@ -43,7 +44,7 @@ def test_truncated_idx_file_is_reported(tmp_path):
     with gzip.open(path, "wb") as f:
         f.write(bytes([0, 0, 8, 1]) + (100).to_bytes(4, "big") + b"\0" * 10)
     with pytest.raises(ValueError, match="truncated"):
-        data.load_idx(str(path))
+        sources.load_idx(str(path))
 
 
 def _mixed_folder(root):

@@ -12,9 +12,11 @@ import pytest
 import tensorflow as tf
 
 from conftest import ROOT, config_from_flagfile
-from dc_tf import clustering, config, models, optim
-from dc_tf.data import pipelines, transforms
-from dc_tf.data.sources import ArraySource
+from dc_core import clustering
+from dc_core import transforms
+from dc_core.sources import ArraySource
+from dc_tf import config, models, optim
+from dc_tf.data import pipelines
 from dc_tf.model import DeepClusterV2Model
 
 

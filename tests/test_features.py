@@ -5,7 +5,7 @@ import pytest
 import tensorflow as tf
 import threadpoolctl
 
-from dc_tf import clustering
+from dc_core import clustering
 from dc_tf.features import extract_features
 
 

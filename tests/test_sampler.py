@@ -8,9 +8,9 @@ import numpy as np
 import tensorflow as tf
 from scipy import stats
 
-from dc_tf.clustering import acceptance_probabilities
+from dc_core.clustering import acceptance_probabilities
+from dc_core.sources import ArraySource
 from dc_tf.data import pipelines, sampler
-from dc_tf.data.sources import ArraySource
 from dc_tf.model import DeepClusterModel
 from dc_tf.recluster import Clusterer, ReclusterCallback
 

@@ -176,10 +176,10 @@ def test_mixed_precision_can_be_switched_on_and_exports_float32(tmp_path, flagfi
 
 def _run_counting_calls(smoke_config, monkeypatch, mode, function, recorded):
     """Trains the smoke run with --kmeans_mode=mode while counting calls to
-    dc_tf.clustering.kmeans.<function> (recorded(args) per call); checks that every epoch logged
+    dc_core.clustering.kmeans.<function> (recorded(args) per call); checks that every epoch logged
     a finite k-means loss and returns (cfg, calls)."""
     from dc_tf import train
-    kmeans_module = importlib.import_module("dc_tf.clustering.kmeans")  # not the function
+    kmeans_module = importlib.import_module("dc_core.clustering.kmeans")  # not the function
     calls, real = [], getattr(kmeans_module, function)
 
     def spy(*args, **kwargs):

@@ -7,8 +7,9 @@ from typing import Optional
 import numpy as np
 import tensorflow as tf
 
-from dc_tf.data import sampler, transforms
-from dc_tf.data.sources import Source
+from dc_core import transforms
+from dc_core.sources import Source
+from dc_tf.data import sampler
 
 AUTOTUNE = tf.data.AUTOTUNE
 

@@ -16,7 +16,7 @@ indices filtered with an earlier clustering's probabilities outlives the epoch i
 
 import tensorflow as tf
 
-from dc_tf.data.sources import Source
+from dc_core.sources import Source
 
 # Indices proposed per step for random-access sources: large, since a skewed clustering accepts
 # few (n_min * k / N) and each step has a fixed cost (bench/sampler.py: 65536 drew twice as

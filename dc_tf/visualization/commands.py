@@ -14,7 +14,8 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from dc_tf import clusters, fileio, models
+from dc_core import fileio
+from dc_tf import clusters, models
 from dc_tf.config import ConfigError, TrainConfig
 from dc_tf.visualization import activations, ascent, cluster_montage, montage, projector, trained
 

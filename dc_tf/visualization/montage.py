@@ -6,7 +6,7 @@ from typing import Optional, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from dc_tf import fileio
+from dc_core import fileio
 
 BACKGROUND = 255  # white, between cells and behind captions
 CAPTION_HEIGHT = 14  # pixels of one line of PIL's default font (10 px) plus a margin

@@ -13,7 +13,7 @@ import numpy as np
 import tensorflow as tf
 from tensorboard.plugins import projector
 
-from dc_tf import fileio
+from dc_core import fileio
 from dc_tf.visualization import montage
 
 SPRITE_MAX_SIZE = 8192  # TensorBoard's limit on each side of a sprite image

@@ -9,9 +9,9 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from dc_core import transforms
 from dc_tf import config, data, models
 from dc_tf.checkpoint import RunCheckpoint
-from dc_tf.data import transforms
 from dc_tf.model import build_run_model
 from dc_tf.visualization import montage
 

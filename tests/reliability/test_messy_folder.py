@@ -9,8 +9,8 @@ import numpy as np
 from PIL import Image
 
 from conftest import folder_smoke_config, write_image
+from dc_core.sources import MAX_IMAGE_PIXELS
 from dc_tf import data, train
-from dc_tf.data.sources import MAX_IMAGE_PIXELS
 
 
 def _jpeg_bytes(size=(8, 8)) -> bytearray:

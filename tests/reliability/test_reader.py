@@ -19,8 +19,8 @@ import numpy as np
 from PIL import Image
 
 from conftest import ROOT, write_image
-from dc_tf.data.sources import MAX_FILE_BYTES, MAX_IMAGE_PIXELS
-from dc_tf.fileio import from_printable
+from dc_core.fileio import from_printable
+from dc_core.sources import MAX_FILE_BYTES, MAX_IMAGE_PIXELS
 
 TIMEOUT_S = 120
 ADDRESS_SPACE = 6 << 30  # a TF process takes about 3 GB of it; a reader that explodes, far more

@@ -34,7 +34,7 @@ from typing import ClassVar, Optional
 import numpy as np
 import tensorflow as tf
 
-from dc_tf import fileio
+from dc_core import fileio
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 
@@ -76,7 +76,7 @@ def refusal(path, info: Optional[os.stat_result] = None) -> str:
         kind = next((name for test, name in _SPECIAL_FILES if test(info.st_mode)), "special")
         return f"not a regular file but {kind}: never read, as reading it could wait forever"
     if info.st_size > MAX_FILE_BYTES:
-        return (f"{info.st_size} bytes, above dc_tf.data.sources.MAX_FILE_BYTES = "
+        return (f"{info.st_size} bytes, above dc_core.sources.MAX_FILE_BYTES = "
                 f"{MAX_FILE_BYTES}: not read, as it would be read whole into memory")
     return ""
 
@@ -97,7 +97,7 @@ def read_regular(path: bytes) -> tuple:
     with os.fdopen(fd, "rb") as f:
         data = f.read(MAX_FILE_BYTES + 1)
     if len(data) > MAX_FILE_BYTES:  # it grew after the fstat
-        return b"", (f"grew above dc_tf.data.sources.MAX_FILE_BYTES = {MAX_FILE_BYTES} while "
+        return b"", (f"grew above dc_core.sources.MAX_FILE_BYTES = {MAX_FILE_BYTES} while "
                      "read: not read, as it would be read whole into memory").encode()
     return data, b""
 
@@ -210,7 +210,7 @@ def _read_header(data: tf.Tensor) -> tuple:
         (starts_with(b"RIFF") & starts_with(b"WEBP", 8), webp),
         (starts_with(b"\xff\x0a") | starts_with(b"\0\0\0\x0cJXL \r\n\x87\n"),
          lambda: refused("JPEG XL: refused, as its header is not read to check its size against "
-                         "dc_tf.data.sources.MAX_IMAGE_PIXELS (convert the file to PNG or JPEG)")),
+                         "dc_core.sources.MAX_IMAGE_PIXELS (convert the file to PNG or JPEG)")),
         (tf.equal(tf.strings.length(data), 0), lambda: refused("the file is empty")),
     ], default=lambda: refused("Unknown image file format: not a JPEG, PNG, GIF, BMP or WebP file"))
 
@@ -222,7 +222,7 @@ def decode_checked(data: tf.Tensor, channels: int) -> tf.Tensor:
     data, pixels, refusal = _read_header(data)
     checks = _require(tf.equal(refusal, ""), refusal) + _require(
         pixels <= MAX_IMAGE_PIXELS, tf.strings.format(
-            "the image header announces {} pixels, above dc_tf.data.sources.MAX_IMAGE_PIXELS = "
+            "the image header announces {} pixels, above dc_core.sources.MAX_IMAGE_PIXELS = "
             f"{MAX_IMAGE_PIXELS}; refused to protect memory (downscale the file)", pixels))
     with tf.control_dependencies(checks):
         image = tf.io.decode_image(data, channels=channels, expand_animations=False,

@@ -12,7 +12,7 @@ import dataclasses
 import faiss
 import numpy as np
 
-from dc_tf.clustering.kmeans import _cluster_sums
+from dc_core.clustering.kmeans import _cluster_sums
 
 
 @dataclasses.dataclass

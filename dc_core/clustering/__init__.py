@@ -4,11 +4,11 @@
 Numpy in, numpy out; no TensorFlow. Every random choice takes an explicit seed.
 """
 
-from dc_tf.clustering.kmeans import KMeansResult, kmeans, kmeans_reference, split_empty_clusters
-from dc_tf.clustering.pca import PCAWhitening, fit_pca_whitening, l2_normalize
-from dc_tf.clustering.pic import pic
-from dc_tf.clustering.spherical import SphericalKMeansResult, spherical_kmeans
-from dc_tf.clustering.stats import acceptance_probabilities, cluster_sizes, nmi
+from dc_core.clustering.kmeans import KMeansResult, kmeans, kmeans_reference, split_empty_clusters
+from dc_core.clustering.pca import PCAWhitening, fit_pca_whitening, l2_normalize
+from dc_core.clustering.pic import pic
+from dc_core.clustering.spherical import SphericalKMeansResult, spherical_kmeans
+from dc_core.clustering.stats import acceptance_probabilities, cluster_sizes, nmi
 
 __all__ = [
     "KMeansResult",

@@ -30,7 +30,10 @@ import numpy as np
 import scipy.sparse
 from faiss.contrib.clustering import two_level_clustering
 
-from dc_tf.config import KMEANS_MODES
+# k-means: the paper's (exact, flat), FAISS's two-level clustering refined by one exact step, or
+# Lloyd iterations over each example's shortlist of nearest centroids (`kmeans`).
+KMEANS_MODES = ("exact", "two_level", "shortlist")
+
 
 # FAISS's Clustering.seed is a C int.
 _MAX_SEED = 2**31
