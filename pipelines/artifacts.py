@@ -59,7 +59,7 @@ class Artifact(abc.ABC):
 
 
 class ModelDir(Artifact):
-    """A dc_tf.train model_dir (see DESIGN.md): its record, not its checkpoints."""
+    """A dc_tf.train model_dir: its record, not its checkpoints."""
 
     def fingerprint(self) -> str:
         files = ["config.json", "metrics.jsonl", "final_clustering.json"]
