@@ -28,3 +28,8 @@ test: setup $(CHROMEDRIVER)
 
 bench: setup
 	$(PYTHON) bench/train_overhead.py
+
+# Bazel's pinned dependencies (MODULE.bazel's pip.parse): setup.py's requirements and their
+# closure, at the versions installed here (`make -B requirements_lock.txt` after an upgrade).
+requirements_lock.txt: setup.py tools/lock_requirements.py
+	$(PYTHON) tools/lock_requirements.py $@

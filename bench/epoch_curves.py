@@ -3,7 +3,7 @@ r"""Per-epoch clustering quality and cost of training runs, side by side (issue 
     python bench/epoch_curves.py --run=DeepCluster=runs/fashion_mnist \
         --run=DeepCluster-v2=runs/fashion_mnist_v2 --plot=docs/images/nmi_labels.png
 
-Reads each run's metrics.jsonl (and final_clustering.json) and prints JSON: per run and epoch,
+Reads each run's metrics rows (and final clustering figures) and prints JSON: per run and epoch,
 nmi_labels (head 0's clustering against the ground truth), nmi_prev, and the seconds spent
 reclustering (feature pass + clustering) and training; per run, the reclustering's share of the
 epoch's time. With --plot, draws nmi_labels per epoch (the final clustering as the last point).
@@ -11,16 +11,15 @@ epoch's time. With --plot, draws nmi_labels per epoch (the final clustering as t
 
 import argparse
 import json
-import os
 
 import numpy as np
 
 
 def read_run(model_dir: str) -> dict:
-    with open(os.path.join(model_dir, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    with open(os.path.join(model_dir, "final_clustering.json")) as f:
-        final = json.load(f)
+    from dc_tf.run_dir import RunDir
+
+    run = RunDir(model_dir)
+    rows, final = run.read_metrics(), run.final_figures_or_none()
     recluster = [r.get("time_features_s", 0.0) + r.get("time_cluster_s", 0.0) for r in rows]
     train = [r["time_train_s"] for r in rows]
     return {

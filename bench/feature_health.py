@@ -6,7 +6,7 @@ train split against the first --test of its test split (both centre crops, throu
 serving signature), plus, per layer, the share of units that never fire on the train images and
 the effective rank (exp of the entropy of the covariance's eigenvalue shares) of their features.
 The kNN figures are below the full probe's (fewer neighbours to draw from), so compare exports
-with each other, not with §3.
+with each other, not with bench/RESULTS.md §3.
 
     python bench/feature_health.py --export=runs/fashion_mnist_v2/export \
         --export=runs/fashion_mnist_random/export

@@ -6,7 +6,7 @@ r"""Input pipeline vs training step: is the model ever waiting for images? (issu
 For each source, times the real training input pipeline alone (`pipelines.training_dataset`:
 balanced sampling, decode, random resized crop, flip, batch, prefetch; no model) over a few
 hundred batches, then trains the same configuration for 2 epochs with `dc_tf.train.run` and
-reads the second epoch's `train_images_per_s` from metrics.jsonl. Prints one JSON line per
+reads the second epoch's `train_images_per_s` from the run's metrics. Prints one JSON line per
 source with both rates and their ratio (the target: input >= 2x training).
 
 Sources: Fashion-MNIST as `flags/fashion_mnist.cfg` trains it (uint8 array in memory, 32 px),
@@ -53,10 +53,10 @@ def input_rate(cfg, batches: int) -> float:
 def train_rate(cfg) -> float:
     """train_images_per_s of the second epoch of a real 2-epoch run."""
     from dc_tf import train
+    from dc_tf.run_dir import RunDir
 
     train.run(cfg)
-    with open(os.path.join(cfg.model_dir, "metrics.jsonl")) as f:
-        return json.loads(f.read().splitlines()[1])["train_images_per_s"]
+    return RunDir(cfg.model_dir).read_metrics()[1]["train_images_per_s"]
 
 
 def write_folder(root: str, count: int) -> str:

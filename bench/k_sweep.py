@@ -46,6 +46,7 @@ def main():
     args = parser.parse_args()
 
     from dc_tf import train, train_flags
+    from dc_tf.run_dir import RunDir
 
     os.chdir(ROOT)
     rows = []
@@ -56,10 +57,9 @@ def main():
                 "k_sweep", "--flagfile=flags/fashion_mnist.cfg", f"--num_clusters={k}",
                 f"--max_examples={args.max_examples}", f"--epochs={args.epochs}",
                 f"--model_dir={tmp}/k{k}"]))
-            with open(os.path.join(cfg.model_dir, "final_clustering.json")) as f:
-                final = json.load(f)
+            final = RunDir(cfg.model_dir).final_figures_or_none()
             rows.append({"k": k, "knn_top1_fc7": round(knn_top1(
-                os.path.join(cfg.model_dir, "export"), "fashion_mnist", "fashion_mnist:test",
+                RunDir(cfg.model_dir).export, "fashion_mnist", "fashion_mnist:test",
                 args.max_examples), 4), "nmi_labels_final": round(final["nmi_labels"], 4),
                 "seconds": round(time.time() - start, 1)})
             print(json.dumps(rows[-1]), file=sys.stderr)

@@ -67,6 +67,7 @@ def plain_fit(cfg, epochs: int) -> float:
 
 def main(argv):
     from dc_tf import train, train_flags
+    from dc_tf.run_dir import RunDir
 
     os.chdir(ROOT)
     with tempfile.TemporaryDirectory() as tmp:
@@ -76,8 +77,7 @@ def main(argv):
         start = time.time()
         cfg = train.run(cfg)
         total = time.time() - start
-        with open(os.path.join(cfg.model_dir, "metrics.jsonl")) as f:
-            rows = [json.loads(line) for line in f]
+        rows = RunDir(cfg.model_dir).read_metrics()
     warm = rows[1:]
     dc_rate = sum(r["train_images_per_s"] for r in warm) / len(warm)
     plain_rate = plain_fit(cfg, cfg.epochs)

@@ -2,8 +2,8 @@
 
 Everything dc_tf writes goes through a temporary file beside its destination (so on the same
 filesystem), flushed to disk and then renamed over it: a process killed at any moment, or a full
-disk, leaves either the previous file or the new one, never half of one. Only metrics.jsonl is
-appended to instead, one line per write (monitor.truncate_metrics drops a torn last line).
+disk, leaves either the previous file or the new one, never half of one. Only a run's metrics are
+appended to instead, one line per write (RunDir.truncate_metrics drops a torn last line).
 """
 
 import contextlib

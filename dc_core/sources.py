@@ -154,9 +154,7 @@ def _gif_first_image(data: bytes) -> tuple:
 
 def _read_header(data: tf.Tensor) -> tuple:
     """(the bytes to decode, the width x height (int64) decoding them allocates, why they are
-    refused or "").
-
-    Reads only headers (and a GIF's block structure up to its first image), so it costs little
+    refused or ""). Reads only headers (and a GIF's block structure up to its first image), so it costs little
     next to decoding and refuses an oversized image before any pixel buffer is allocated.
     Formats are told by the magic numbers tf.io.decode_image goes by; data of any other format is
     refused here rather than left to a decoder whose size this does not read.

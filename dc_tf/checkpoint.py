@@ -118,7 +118,7 @@ class RunCheckpoint:
 
     def __init__(self, model: keras.Model, directory: str, max_to_keep: int = 2,
                  restore_from: str = ""):
-        self.model = model
+        self.model, self.directory = model, directory
         self._restore_from = restore_from
         self.epochs_done = tf.Variable(0, dtype=tf.int64, trainable=False)
         # Keras's SeedGenerator states (dropout masks, the top layer's re-initialisations) are
@@ -163,13 +163,14 @@ class CheckpointCallback(keras.callbacks.Callback):
     """Saves after every epoch whose loss is finite; otherwise stops training without saving.
 
     SIGTERM (preemption) ends the epoch at the next step and saves it as it stands; the next run
-    continues with the following epoch. After fit() returns, `diverged_at` is the epoch whose loss
-    was not finite (or None) and `preempted` says whether SIGTERM stopped the run.
+    continues with the following epoch, and `preempted` says so after fit() returns. A loss that
+    is not finite ends fit() with a NonFiniteLossError that says how to resume from the last good
+    epoch (`learning_rate`: the run's, which the message suggests lowering).
     """
 
-    def __init__(self, checkpoint: RunCheckpoint):
+    def __init__(self, checkpoint: RunCheckpoint, learning_rate: float):
         super().__init__()
-        self.checkpoint = checkpoint
+        self.checkpoint, self.learning_rate = checkpoint, learning_rate
         self.diverged_at = None
         self.preempted = False
         self._previous_handler = None
@@ -183,6 +184,15 @@ class CheckpointCallback(keras.callbacks.Callback):
 
     def on_train_end(self, logs=None):
         signal.signal(signal.SIGTERM, self._previous_handler or signal.SIG_DFL)
+        if self.diverged_at is not None:
+            raise NonFiniteLossError(
+                f"the loss became non-finite in epoch {self.diverged_at}; the checkpoint of the "
+                f"last good epoch is intact in {self.checkpoint.directory}. Lower --learning_rate "
+                f"(now {self.learning_rate}) and re-run the same command to resume from it.")
+        if self.preempted:
+            logging.warning("stopped by SIGTERM: the checkpoint after epoch %d is saved; re-run "
+                            "the same command to continue",
+                            int(self.checkpoint.epochs_done.numpy()) - 1)
 
     def on_train_batch_end(self, batch, logs=None):
         failpoints.reach("train.batch")

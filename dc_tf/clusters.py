@@ -4,12 +4,10 @@ r"""What the clusters of a run hold: sizes, purity, majority labels, and folders
     python -m dc_tf.clusters --model_dir=runs/fashion_mnist --epoch=3
     python -m dc_tf.clusters --model_dir=runs/photos --export_to=/tmp/clusters
 
-Reads `assignments/` and `examples.tsv` of a model_dir; with --export_to (folder sources only),
-writes one sub-folder per cluster holding symbolic links to its members' files.
+Reads the assignments and the image list of a run folder (RunDir); with --export_to (folder
+sources only), writes one sub-folder per cluster holding symbolic links to its members' files.
 """
 
-import csv
-import json
 import os
 import sys
 
@@ -17,34 +15,7 @@ import numpy as np
 from absl import app, flags
 
 from dc_core.fileio import from_printable
-
-
-def load_assignment(model_dir: str, epoch: str = "final") -> np.ndarray:
-    """int32 [N] cluster of every example after `epoch` ("final", or an epoch number)."""
-    name = "final.npy" if epoch == "final" else f"epoch_{int(epoch):04d}.npy"
-    path = os.path.join(model_dir, "assignments", name)
-    if not os.path.exists(path):
-        found = sorted(os.listdir(os.path.join(model_dir, "assignments")))
-        raise FileNotFoundError(f"--epoch={epoch}: no {path}; this run has {', '.join(found)}")
-    return np.load(path)
-
-
-def load_examples(model_dir: str, num_examples: int) -> tuple:
-    """(sources: list of str, labels: int64 [N], -1 where unknown) from examples.tsv, which must
-    list the `num_examples` examples that the assignments index."""
-    path = os.path.join(model_dir, "examples.tsv")
-    try:
-        with open(path, encoding="utf-8") as f:
-            rows = list(csv.DictReader(f, delimiter="\t"))
-        labels = np.array([int(r["label"]) if r["label"] else -1 for r in rows], np.int64)
-    except (UnicodeDecodeError, KeyError, TypeError, ValueError):
-        rows = None
-    if rows is None or len(rows) != num_examples or any(
-            r["index"] != str(i) for i, r in enumerate(rows)):
-        raise ValueError(f"{path} does not list the {num_examples} examples of the assignments "
-                         "(damaged or edited): re-run the training command of this run, which "
-                         "writes it again")
-    return [r["source"] for r in rows], labels
+from dc_tf.run_dir import RunDir
 
 
 def cluster_table(assignment: np.ndarray, labels: np.ndarray) -> list:
@@ -78,8 +49,7 @@ def size_histogram(sizes: np.ndarray) -> list:
 
 def export_links(model_dir: str, assignment: np.ndarray, sources: list, out_dir: str) -> int:
     """Writes out_dir/cluster_NNNNN/ with a symbolic link per member file; returns the count."""
-    with open(os.path.join(model_dir, "config.json")) as f:
-        dataset = json.load(f)["dataset"]
+    dataset = RunDir(model_dir).config_fields()["dataset"]
     if not dataset.startswith("folder:"):
         raise ValueError(f"--export_to needs a folder:PATH dataset; this run used {dataset}")
     root = os.path.abspath(dataset[len("folder:"):])
@@ -90,7 +60,7 @@ def export_links(model_dir: str, assignment: np.ndarray, sources: list, out_dir:
             continue
         folder = os.path.join(out_dir, f"cluster_{int(c):0{width}d}")
         os.makedirs(folder, exist_ok=True)
-        path = from_printable(sources[i])  # examples.tsv escapes names that are not UTF-8
+        path = from_printable(sources[i])  # the image list escapes names that are not UTF-8
         link = os.path.join(folder, f"{i}_{os.path.basename(path)}")
         if not os.path.lexists(link):
             os.symlink(os.path.join(root, path), link)
@@ -112,8 +82,9 @@ def _define_flags():
 def main(argv):
     del argv
     try:
-        assignment = load_assignment(FLAGS.model_dir, FLAGS.epoch)
-        sources, labels = load_examples(FLAGS.model_dir, len(assignment))
+        run = RunDir(FLAGS.model_dir)
+        assignment = run.load_assignment(FLAGS.epoch)
+        sources, labels = run.load_examples(len(assignment))
         if FLAGS.export_to:
             made = export_links(FLAGS.model_dir, assignment, sources, FLAGS.export_to)
     except (FileNotFoundError, ValueError) as e:

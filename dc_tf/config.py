@@ -115,6 +115,13 @@ class TrainConfig:
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
 
+    def describe(self) -> tuple:
+        """(the method in words, its clusters in words) for the console and the report."""
+        if self.method == "deepcluster_v2":
+            return "DeepCluster-v2", f"{'/'.join(map(str, self.num_prototypes))} prototypes"
+        return ("supervised baseline" if self.supervised else "DeepCluster",
+                f"k = {self.num_clusters}")
+
     @classmethod
     def from_json(cls, text: str) -> "TrainConfig":
         fields = json.loads(text)

@@ -9,12 +9,13 @@ passed on) and sets TF_CPP_MIN_LOG_LEVEL=2 for the C++ INFO and WARNING lines th
 nothing is filtered.
 """
 
-import json
 import logging
 import os
 import re
 import sys
 import tempfile
+
+from dc_tf.run_dir import RunDir
 
 # The start-up lines: absl's note, then INFO/WARNING lines stamped 0000 00:00 (the time before
 # logging is initialised) and the continuation of the CPU-instructions line.
@@ -98,16 +99,14 @@ def closing_block(cfg, seconds: float) -> str:
     """What a finished run says last: where its export and report are, the final figures, and
     the commands to go on with. `cfg`: the run's resolved TrainConfig."""
     model_dir = cfg.model_dir
-    export = os.path.join(model_dir, "export")
-    method = "DeepCluster-v2" if cfg.method == "deepcluster_v2" else (
-        "supervised training" if cfg.supervised else "DeepCluster")
+    run = RunDir(model_dir)
+    export = run.export
+    method = cfg.describe()[0]
     lines = ["", "=" * 72,
              f"Finished: {method} on {cfg.dataset} ({cfg.num_examples} images), {cfg.epochs} "
              f"epochs; this command ran {_duration(seconds)}."]
-    final_path = os.path.join(model_dir, "final_clustering.json")
-    if os.path.exists(final_path):
-        with open(final_path) as f:
-            final = json.load(f)
+    final = run.final_figures_or_none()
+    if final is not None:
         figures = [f"{final.get('empty_clusters', 0)} empty clusters"]
         for key, text in (("nmi_labels", "NMI with the labels"),
                           ("nmi_prev", "NMI with the last epoch's")):
@@ -115,18 +114,18 @@ def closing_block(cfg, seconds: float) -> str:
                 figures.insert(0, f"{text} {final[key]:.3f}")
         lines.append("Final clustering: " + ", ".join(figures) + ".")
     lines += [f"  export   {export}",
-              f"  report   {os.path.join(model_dir, 'report.html')}  (open it in a browser)",
-              f"  metrics  {os.path.join(model_dir, 'metrics.jsonl')}",
+              f"  report   {run.report}  (open it in a browser)",
+              f"  metrics  {run.metrics}",
               "Next:"]
     if cfg.dataset.startswith("fashion_mnist"):
         lines.append(f"  evaluate:       python -m eval.linear_probe --dataset=fashion_mnist "
-                     f"--model={export} --output={os.path.join(model_dir, 'probe.json')}")
+                     f"--model={export} --output={run.probe}")
     else:
-        lines.append("  evaluate:       the README's \"Evaluating\" sections (linear probes on a "
+        lines.append("  evaluate:       the README's \"Evaluating\" table (linear probes on a "
                      "labelled data set, VOC, retrieval)")
     lines += [f"  assign images:  python -m dc_tf.assign --model={export} "
               "--input=folder:NEW_IMAGES --output=assigned.csv",
               f"  see clusters:   python -m dc_tf.clusters --model_dir={model_dir}",
-              f"  TensorBoard:    tensorboard --logdir={os.path.join(model_dir, 'logs')}",
+              f"  TensorBoard:    tensorboard --logdir={run.logs}",
               "=" * 72]
     return "\n".join(lines)

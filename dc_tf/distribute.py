@@ -14,6 +14,9 @@ through a collective (`from_chief`).
 Training data comes from one input pipeline per worker (`per_worker_datasets`): each draws the
 same balanced index stream and decodes only its share of it.
 
+`Workers` holds all of it for a run: the strategy, who the chief is, where each process writes,
+and the collectives that keep the workers in step.
+
 Only the chief owns MODEL_DIR. Every other worker writes what it would write there (its
 checkpoints, the assignments it trained on, its metrics) into its own scratch folder
 MODEL_DIR/workertemp_<task id>, the convention of Keras's multi-worker callbacks, and restores
@@ -25,10 +28,12 @@ import contextlib
 import json
 import os
 
+import faiss
 import tensorflow as tf
 from absl import logging
 
-from dc_tf import config
+from dc_tf import config, failpoints, resume
+from dc_tf.run_dir import RunDir
 
 _TF_CONFIG_EXAMPLE = ('TF_CONFIG=\'{"cluster": {"worker": ["host1:port", "host2:port"]}, '
                       '"task": {"type": "worker", "index": 0}}\'')
@@ -119,7 +124,7 @@ def write_dir(strategy: tf.distribute.Strategy, model_dir: str) -> str:
     """Where this process writes: MODEL_DIR on the chief, its own scratch folder elsewhere."""
     if is_chief(strategy):
         return model_dir
-    return os.path.join(model_dir, f"workertemp_{strategy.cluster_resolver.task_id}")
+    return RunDir(model_dir).worker_scratch(strategy.cluster_resolver.task_id).path
 
 
 def check_batch_size(strategy: tf.distribute.Strategy, batch_size: int) -> None:
@@ -189,3 +194,70 @@ def sync_from_chief(strategy: tf.distribute.Strategy, variables) -> None:
     values = from_chief(strategy, [tf.convert_to_tensor(v) for v in variables])
     for variable, value in zip(variables, values):
         variable.assign(value)
+
+
+class Workers:
+    """This process's place among the workers of cfg's run, and what keeps them in step. Built
+    first: it sets up the multi-worker runtime, and refuses a batch that the replicas cannot
+    share.
+
+    Attributes:
+      strategy: the tf.distribute strategy of --strategy.
+      distributed: the strategy when it is mirrored or multi-worker, else None (one device).
+      chief: whether this process owns MODEL_DIR.
+      run: the RunDir where this process writes (MODEL_DIR, or its scratch folder).
+      chief_run: MODEL_DIR's RunDir, which the other workers restore from.
+    """
+
+    def __init__(self, cfg: config.TrainConfig):
+        self.strategy = make_strategy(cfg.strategy)  # first: multi_worker sets up the runtime
+        check_batch_size(self.strategy, cfg.batch_size)
+        model_dir = cfg.model_dir
+        self.distributed = self.strategy if is_distributed(self.strategy) else None
+        self.chief = is_chief(self.strategy)
+        self.run = RunDir(write_dir(self.strategy, model_dir))
+        self.chief_run = RunDir(model_dir)
+
+    def scope(self):
+        """Where training creates its variables (`variable_scope`)."""
+        return variable_scope(self.strategy)
+
+    def from_chief(self, values):
+        return from_chief(self.strategy, values)
+
+    def datasets(self, make_dataset, global_batch: int):
+        """`make_dataset(batch)` on one device, else one pipeline per worker
+        (`per_worker_datasets`)."""
+        if self.distributed is None:
+            return make_dataset(global_batch)
+        return per_worker_datasets(self.strategy, make_dataset, global_batch)
+
+    @contextlib.contextmanager
+    def claimed(self, cfg: config.TrainConfig, overwrite: bool):
+        """Holds the run folder for the run: the chief locks and claims MODEL_DIR (resume.claim)
+        and yields the checkpoint to resume from; another worker locks its scratch folder and
+        yields None, once the chief has claimed (a barrier)."""
+        with resume.RunLock(self.run.path):
+            failpoints.reach("run.locked")
+            resume_from = resume.claim(cfg, overwrite) if self.chief else None
+            failpoints.reach("run.config_written")
+            self.from_chief(0)
+            yield resume_from
+
+    def check_same_epoch(self, epochs_done: int) -> None:
+        """Refuses to go on when this worker restored another epoch than the chief."""
+        chief_epochs = int(self.from_chief(epochs_done))
+        if chief_epochs != epochs_done:
+            raise config.ConfigError(
+                f"--model_dir={self.chief_run.path}: the chief resumes after epoch "
+                f"{chief_epochs} but this worker found the checkpoint of epoch {epochs_done}; "
+                "put --model_dir on storage that every worker reads")
+
+    def log_devices(self) -> None:
+        # A GPU machine whose CUDA libraries TensorFlow cannot load trains on the CPU after a
+        # single warning (bench/RESULTS.md §9): say where the run goes.
+        gpus, faiss_gpus = tf.config.list_physical_devices("GPU"), faiss.get_num_gpus()
+        logging.info("devices: %s; FAISS (k-means, PIC's graph) on %s",
+                     f"{len(gpus)} GPU(s) visible to TensorFlow" if gpus
+                     else "no GPU visible to TensorFlow, training on the CPU",
+                     f"{faiss_gpus} GPU(s)" if faiss_gpus else "the CPU")

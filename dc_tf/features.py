@@ -67,39 +67,8 @@ def extract_features(infer, dataset: tf.data.Dataset, num_examples: int, pca_dim
     start = time.time()
     labels = np.full(num_examples, -1, np.int64)
     present = np.zeros(num_examples, bool)
-    out, pca = None, None
-    # The first min(pca_sample, N) rows of the stream, kept at full width until the PCA is fitted.
-    target = min(pca_sample, num_examples) if pca_dim > 0 else 0
-    sample, sample_idx, filled = None, None, 0
+    rows = _Rows(num_examples, pca_dim, min(pca_sample, num_examples) if pca_dim > 0 else 0)
     seen, last_log = 0, start
-    blas_threads = max((pool["num_threads"] for pool in threadpoolctl.threadpool_info()
-                        if pool["user_api"] == "blas"), default=1)
-
-    def project(x):
-        """Whitened (when fitted), L2-normalised rows; the PCA sample by blocks (bounded
-        temporaries), a batch in one go (no copy on the per-batch path)."""
-        if len(x) > _STORE_ROWS:
-            return np.concatenate([project(x[first:first + _STORE_ROWS])
-                                   for first in range(0, len(x), _STORE_ROWS)])
-        return clustering.l2_normalize(pca.apply(x) if pca is not None else x)
-
-    def store(z, idx):
-        nonlocal out
-        if out is None:
-            out = np.zeros((num_examples, z.shape[1]), np.float32)
-        out[idx] = z
-
-    def fit_sample():
-        nonlocal pca, sample
-        # Once per pass and BLAS-bound (a 4096 x 4096 covariance over 50,000 rows): every BLAS
-        # thread the process had, even when the sample fills inside the one-thread loop below.
-        with threadpoolctl.threadpool_limits(limits=blas_threads, user_api="blas"):
-            pca = clustering.fit_pca_whitening(sample[:filled], pca_dim)
-            failpoints.reach("pca.fitted")
-            z = project(sample[:filled])
-        sample = None  # freed before the N x pca_dim output exists: the two never coexist
-        store(z, sample_idx[:filled])
-
     batches = (_batches(infer, dataset) if strategy is None
                else _sharded_batches(infer, dataset, strategy))
     # One BLAS thread for the numpy work between batches: OpenBLAS's idle threads spin and take
@@ -110,30 +79,76 @@ def extract_features(infer, dataset: tf.data.Dataset, num_examples: int, pca_dim
             labels[idx], present[idx] = lab, True
             seen += len(idx)
             failpoints.reach("features.batch")
-            if filled < target:
-                if sample is None:
-                    sample = np.empty((target, x.shape[1]), np.float32)
-                    sample_idx = np.empty(target, np.int64)
-                take = min(target - filled, len(idx))
-                sample[filled:filled + take] = x[:take]
-                sample_idx[filled:filled + take] = idx[:take]
-                filled += take
-                if filled == target:
-                    fit_sample()
-                x, idx = x[take:], idx[take:]
-            if len(idx):
-                store(project(x), idx)
+            rows.add(x, idx)
             if time.time() - last_log > log_every_s:
                 last_log = time.time()
                 logging.info("features: %d/%d images (%.0f images/s)", seen, num_examples,
                              seen / (last_log - start))
     if check_readable is not None:
         check_readable(int(present.sum()))
-    if sample is not None:  # unreadable examples left the stream shorter than the sample
-        fit_sample()
-    if out is None:
-        raise RuntimeError("the feature pass read no image at all: every example failed to decode")
+    out, pca = rows.finish()
     return FeaturePass(out, present, labels, pca, time.time() - start)
+
+
+class _Rows:
+    """The pass's output as it fills: the PCA sample (the first `target` rows of the stream,
+    kept at full width until the PCA is fitted on them), then whitened, L2-normalised rows by
+    example index."""
+
+    def __init__(self, num_examples: int, pca_dim: int, target: int):
+        self.num_examples, self.pca_dim, self.target = num_examples, pca_dim, target
+        self.out, self.pca = None, None
+        self.sample, self.sample_idx, self.filled = None, None, 0
+        self.blas_threads = max((pool["num_threads"] for pool in threadpoolctl.threadpool_info()
+                                 if pool["user_api"] == "blas"), default=1)
+
+    def project(self, x: np.ndarray) -> np.ndarray:
+        """Whitened (when fitted), L2-normalised rows; the PCA sample by blocks (bounded
+        temporaries), a batch in one go (no copy on the per-batch path)."""
+        if len(x) > _STORE_ROWS:
+            return np.concatenate([self.project(x[first:first + _STORE_ROWS])
+                                   for first in range(0, len(x), _STORE_ROWS)])
+        return clustering.l2_normalize(self.pca.apply(x) if self.pca is not None else x)
+
+    def _store(self, z: np.ndarray, idx: np.ndarray) -> None:
+        if self.out is None:
+            self.out = np.zeros((self.num_examples, z.shape[1]), np.float32)
+        self.out[idx] = z
+
+    def _fit_sample(self) -> None:
+        # Once per pass and BLAS-bound (a 4096 x 4096 covariance over 50,000 rows): every BLAS
+        # thread the process had, even when the sample fills inside the one-thread loop.
+        with threadpoolctl.threadpool_limits(limits=self.blas_threads, user_api="blas"):
+            self.pca = clustering.fit_pca_whitening(self.sample[:self.filled], self.pca_dim)
+            failpoints.reach("pca.fitted")
+            z = self.project(self.sample[:self.filled])
+        self.sample = None  # freed before the N x pca_dim output exists: never both at once
+        self._store(z, self.sample_idx[:self.filled])
+
+    def add(self, x: np.ndarray, idx: np.ndarray) -> None:
+        """The features x of the examples idx, next in the stream."""
+        if self.filled < self.target:
+            if self.sample is None:
+                self.sample = np.empty((self.target, x.shape[1]), np.float32)
+                self.sample_idx = np.empty(self.target, np.int64)
+            take = min(self.target - self.filled, len(idx))
+            self.sample[self.filled:self.filled + take] = x[:take]
+            self.sample_idx[self.filled:self.filled + take] = idx[:take]
+            self.filled += take
+            if self.filled == self.target:
+                self._fit_sample()
+            x, idx = x[take:], idx[take:]
+        if len(idx):
+            self._store(self.project(x), idx)
+
+    def finish(self) -> tuple:
+        """(float32 [N, d] rows, the PCA or None) once the stream has ended."""
+        if self.sample is not None:  # unreadable examples left the stream shorter than the sample
+            self._fit_sample()
+        if self.out is None:
+            raise RuntimeError("the feature pass read no image at all: every example failed to "
+                               "decode")
+        return self.out, self.pca
 
 
 def _batches(infer, dataset: tf.data.Dataset):

@@ -4,7 +4,7 @@ and DeepClusterV2Model (a projection head and frozen prototypes); each a custom 
 import keras
 import tensorflow as tf
 
-from dc_tf import config, distribute, models, optim
+from dc_tf import distribute, optim
 
 
 class DeepClusterModel(keras.Model):
@@ -269,31 +269,3 @@ class DeepClusterV2Model(keras.Model):
         z = self.projection(outputs[self.head_endpoint], training=False)  # float32
         outputs["embedding"] = keras.layers.UnitNormalization(axis=1, name="embedding")(z)
         return keras.Model(self.backbone.input, outputs, name=f"{self.backbone.name}_v2")
-
-
-def v2_steps_per_epoch(cfg: config.TrainConfig) -> int:
-    """Training steps of a DeepCluster-v2 epoch: every example once, the last partial batch
-    left out."""
-    return cfg.num_examples // cfg.batch_size
-
-
-def build_run_model(cfg: config.TrainConfig, backbone: keras.Model) -> keras.Model:
-    """The compiled model of cfg.method on `backbone` (from `models.backbone_of(cfg)`), with the
-    optimisers and every variable built, ready for a checkpoint to restore."""
-    head_endpoint = models.head_endpoint(cfg.arch)
-    if cfg.method == "deepcluster_v2":
-        model = DeepClusterV2Model(
-            backbone, head_endpoint, cfg.num_examples, cfg.num_prototypes, cfg.projection_dims,
-            cfg.temperature, cfg.weight_decay, seed=cfg.seed, global_crops=cfg.global_crops,
-            lars_trust=cfg.lars_trust_coefficient if cfg.lars else None)
-        model.compile(optimizer=keras.optimizers.SGD(
-            optim.learning_rate(cfg, v2_steps_per_epoch(cfg)),
-            momentum=cfg.momentum), jit_compile=cfg.jit_compile)
-        return model
-    model = DeepClusterModel(backbone, head_endpoint, cfg.num_examples, cfg.num_clusters,
-                             cfg.weight_decay, seed=cfg.seed)
-    model.compile(backbone_optimizer=keras.optimizers.SGD(cfg.learning_rate,
-                                                          momentum=cfg.momentum),
-                  head_optimizer=keras.optimizers.SGD(cfg.learning_rate),
-                  jit_compile=cfg.jit_compile)
-    return model

@@ -1,64 +1,20 @@
-"""RunLogger: one `metrics.jsonl` line and a set of TensorBoard summaries per epoch."""
+"""RunLogger: one row of the run's metrics and a set of TensorBoard summaries per epoch."""
 
-import json
 import math
-import os
 import time
-from typing import Optional
 
 import keras
 import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from dc_core import fileio
 from dc_tf import console, failpoints
 from dc_tf.console import figure
 from dc_tf.recluster import ReclusterCallback
+from dc_tf.run_dir import RunDir
 
 
-def _epoch_of(line: bytes) -> Optional[int]:
-    """The epoch of a metrics.jsonl line (None: not a whole row: cut short or garbled)."""
-    try:
-        row = json.loads(line.decode("utf-8"))  # UnicodeDecodeError is a ValueError too
-    except ValueError:
-        return None
-    epoch = row.get("epoch") if isinstance(row, dict) else None
-    return epoch if isinstance(epoch, int) else None
-
-
-def _read_metrics(path: str) -> list:
-    """(line, epoch or None) for every line of metrics.jsonl; [] when there is none."""
-    if not os.path.exists(path):
-        return []
-    with open(path, "rb") as f:
-        return [(line, _epoch_of(line)) for line in f]
-
-
-def logged_epochs(path: str) -> list:
-    """The epochs of metrics.jsonl's whole rows, in file order."""
-    return [epoch for _, epoch in _read_metrics(path) if epoch is not None]
-
-
-def truncate_metrics(path: str, before_epoch: int) -> None:
-    """Keeps the rows of epochs before `before_epoch`: drops those of later epochs (written by
-    a run killed before their checkpoint, or trained after a checkpoint that no longer loads)
-    and, with a warning naming it, any line that is not a whole row (cut short by a kill, or
-    garbled), so that the next row starts a line of its own."""
-    rows = _read_metrics(path)
-    keep = []
-    for number, (line, epoch) in enumerate(rows, 1):
-        if epoch is None:
-            if line.strip():
-                logging.warning("%s line %d is not a metrics row, dropped: %r", path, number,
-                                line[:80])
-        elif epoch < before_epoch:
-            keep.append(line if line.endswith(b"\n") else line + b"\n")
-    if keep != [line for line, _ in rows]:
-        fileio.atomic_write(path, b"".join(keep))
-
-
-# The figures of the one line logged per epoch (all of them are in metrics.jsonl).
+# The figures of the one line logged per epoch (all of them are in the metrics rows).
 _EPOCH_LINE = ("loss", "accuracy", "nmi_prev", "nmi_labels", "empty_clusters")
 
 
@@ -67,10 +23,10 @@ def _finite_or_none(value):
 
 
 class RunLogger(keras.callbacks.Callback):
-    """Writes the epoch's training and clustering figures to metrics.jsonl and TensorBoard.
+    """Writes the epoch's training and clustering figures to the run's metrics and TensorBoard.
 
     Args:
-      model_dir: the run folder (metrics.jsonl, logs/).
+      model_dir: the run folder (RunDir: its metrics and logs).
       recluster: the ReclusterCallback whose `stats` describe the epoch's clustering.
       batch_size, steps_per_epoch: to count training images.
       log_every_s: seconds between progress lines within an epoch; none on a terminal, where
@@ -84,8 +40,8 @@ class RunLogger(keras.callbacks.Callback):
         self.batch_size, self.steps_per_epoch = batch_size, steps_per_epoch
         self.log_every_s = None if console.interactive() else log_every_s
         self._last_log, self._epoch, self._steps = 0.0, 0, 0
-        self.path = os.path.join(model_dir, "metrics.jsonl")
-        self.writer = tf.summary.create_file_writer(os.path.join(model_dir, "logs"))
+        self.run = RunDir(model_dir)
+        self.writer = tf.summary.create_file_writer(self.run.logs)
         self.recluster = recluster
         self._train_start = 0.0
 
@@ -118,8 +74,7 @@ class RunLogger(keras.callbacks.Callback):
                "train_images_per_s": self._steps * self.batch_size / seconds,
                "learning_rate": float(tf.convert_to_tensor(
                    self.model.optimizer.learning_rate))}  # a variable, mirrored or not
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        self.run.append_metrics(row)
         failpoints.reach("epoch.logged")
         with self.writer.as_default(step=epoch):
             for key, value in row.items():

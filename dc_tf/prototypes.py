@@ -24,8 +24,8 @@ from dc_core import clustering
 from dc_tf import distribute
 from dc_tf.console import figure
 from dc_tf.features import extract_features
-from dc_tf.recluster import (FinalClustering, assignment_path, empty_stats,
-                             previous_assignment, save_array, save_final)
+from dc_tf.recluster import FinalClustering, empty_stats, save_final
+from dc_tf.run_dir import RunDir
 
 
 class PrototypeCallback(keras.callbacks.Callback):
@@ -38,7 +38,7 @@ class PrototypeCallback(keras.callbacks.Callback):
       num_prototypes: k of each head.
       kmeans_iters: spherical k-means iterations (DeepCluster-v2: 10).
       seed: the run's seed; head h of epoch t clusters with a seed drawn from (seed, t, h).
-      model_dir: where `assignments/epoch_NNNN.npy` (head 0) goes.
+      model_dir: the run folder whose epoch assignments (head 0) it writes.
       ground_truth: int [N] labels for nmi_labels (-1 unknown), or None.
       strategy: the tf.distribute strategy the model lives in (None: one device).
       check_readable: as in `extract_features`, for the bank's first filling and the final
@@ -57,7 +57,7 @@ class PrototypeCallback(keras.callbacks.Callback):
         self.strategy = strategy
         self.embed, self.feature_data = embed, feature_data
         self.num_prototypes, self.iters, self.seed = tuple(num_prototypes), kmeans_iters, seed
-        self.model_dir = model_dir
+        self.run = RunDir(model_dir)
         self.ground_truth = (ground_truth if ground_truth is not None
                              and (ground_truth >= 0).any() else None)
         self.previous: Optional[np.ndarray] = None
@@ -67,7 +67,7 @@ class PrototypeCallback(keras.callbacks.Callback):
 
     def resume(self, epoch: int) -> None:
         """Picks up the assignment the run had before `epoch` (for nmi_prev after a restart)."""
-        self.previous = previous_assignment(self.model_dir, epoch)
+        self.previous = self.run.previous_assignment(epoch)
 
     def _embedding_pass(self, what):
         logging.info("%s: embedding pass over %d images", what, self.model.bank.shape[0])
@@ -112,7 +112,7 @@ class PrototypeCallback(keras.callbacks.Callback):
                      "nmi_prev %s, nmi_labels %s", epoch, self.num_prototypes,
                      self.stats["time_cluster_s"], figure(self.stats["nmi_prev"]),
                      figure(self.stats["nmi_labels"]))
-        save_array(assignment_path(self.model_dir, epoch), labels)
+        self.run.save_assignment(epoch, labels)
         self.previous = labels
 
     def cluster(self, bank: np.ndarray, epoch: np.ndarray):
@@ -150,8 +150,8 @@ class PrototypeCallback(keras.callbacks.Callback):
 
     def cluster_final(self, epochs: int) -> FinalClustering:
         """Puts every training image, embedded by the trained network (centre crop), into its
-        head-0 prototype of largest dot product, as the export's `assign` does; saves it as
-        assignments/final.npy with its figures in final_clustering.json."""
+        head-0 prototype of largest dot product, as the export's `assign` does; saves it with its
+        figures as the run's final clustering."""
         if self.strategy is not None:  # the chief's BN statistics, as the export has them
             distribute.sync_from_chief(self.strategy,
                                        self.model.backbone.non_trainable_variables
@@ -176,5 +176,5 @@ class PrototypeCallback(keras.callbacks.Callback):
                                 if self.previous is not None else None),
                    "nmi_labels": (clustering.nmi(labels, self.ground_truth)
                                   if self.ground_truth is not None else None)}
-        save_final(self.model_dir, final, figures)
+        save_final(self.run, final, figures)
         return final

@@ -21,34 +21,28 @@ from dc_core import clustering, fileio
 from dc_tf import distribute, failpoints
 from dc_tf.console import figure
 from dc_tf.features import FeaturePass, extract_features
+from dc_tf.run_dir import RunDir
 
 
-def assignment_path(model_dir: str, epoch: int) -> str:
-    return os.path.join(model_dir, "assignments", f"epoch_{epoch:04d}.npy")
+@dataclasses.dataclass(frozen=True)
+class Clustering:
+    """One clustering of the clustered examples' features.
 
-
-def previous_assignment(model_dir: str, epoch: int) -> Optional[np.ndarray]:
-    """The assignment saved for epoch - 1, if any (nmi_prev of a resumed run's first epoch); a
-    file that does not read is reported and taken as missing."""
-    path = assignment_path(model_dir, epoch - 1)
-    if epoch == 0 or not os.path.exists(path):
-        return None
-    try:
-        return np.load(path)
-    except (OSError, ValueError, EOFError) as e:
-        logging.warning("%s does not read (%s): the first epoch of this re-run has no nmi_prev",
-                        path, " ".join(str(e).split())[:200])
-        return None
-
-
-def save_array(path: str, array: np.ndarray) -> None:
-    """np.save, atomically (fileio): a killed run never leaves half an array."""
-    with fileio.atomic_open(path, "wb") as f:
-        np.save(f, array)
+    Attributes:
+      pseudo_labels: int32 [n] cluster of every clustered example (of all N, -1 for the examples
+        without features, once `Clusterer.cluster_all` has placed them).
+      centroids: float32 [c, d] in the clustered space.
+      loss: the k-means loss (nan: PIC has none).
+      empty_clusters: clusters of the k that hold no example.
+    """
+    pseudo_labels: np.ndarray
+    centroids: np.ndarray
+    loss: float
+    empty_clusters: int
 
 
 class Clusterer:
-    """numpy in, numpy out: features -> (pseudo-labels, acceptance, k-means loss, empty clusters).
+    """numpy in, numpy out: the clustering of features (k-means or PIC).
 
     Args:
       method: "kmeans" or "pic".
@@ -63,31 +57,38 @@ class Clusterer:
         self.method, self.k, self.iters, self.seed = method, num_clusters, kmeans_iters, seed
         self.mode = kmeans_mode
 
-    def cluster(self, x: np.ndarray, epoch: int):
-        """Clusters the rows of x: (labels int32 [n], centroids float32 [c, d], loss, empty).
-
-        PIC has no centroids of its own: they are the means of its clusters' members.
-        """
+    def cluster(self, x: np.ndarray, epoch: int) -> Clustering:
+        """Clusters the rows of x. PIC has no centroids of its own: they are the means of its
+        clusters' members."""
         failpoints.reach("kmeans.started")
         if self.method == "kmeans":
             result = clustering.kmeans(x, self.k, seed=int(self.seed + epoch), niter=self.iters,
                                        verbose=len(x) >= 100_000,  # FAISS logs each iteration
                                        mode=self.mode)
             failpoints.reach("kmeans.done")
-            return result.labels, result.centroids, result.loss, result.empty_clusters
+            return Clustering(result.labels, result.centroids, result.loss,
+                              result.empty_clusters)
         labels = clustering.pic(x, max_clusters=self.k)
         found = int(labels.max()) + 1
         centroids = np.zeros((found, x.shape[1]), np.float64)
         np.add.at(centroids, labels, x)
         centroids /= np.bincount(labels, minlength=found)[:, None]
-        return labels, centroids.astype(np.float32), float("nan"), self.k - found
+        return Clustering(labels, centroids.astype(np.float32), float("nan"), self.k - found)
+
+    def cluster_all(self, features: np.ndarray, present: np.ndarray, epoch: int) -> Clustering:
+        """Clusters the rows of `features` that are `present`; the others get no cluster."""
+        found = self.cluster(features[present], epoch)
+        labels = np.full(len(features), -1, np.int32)
+        labels[present] = found.pseudo_labels
+        return dataclasses.replace(found, pseudo_labels=labels)
 
     def __call__(self, features: np.ndarray, present: np.ndarray, epoch: np.ndarray):
-        found, _, loss, empty = self.cluster(features[present], int(epoch))
-        labels = np.full(len(features), -1, np.int32)
-        labels[present] = found
-        accept = clustering.acceptance_probabilities(labels, self.k)
-        return labels, accept.astype(np.float32), np.float32(loss), np.int32(empty)
+        """The numpy side of ReclusterCallback's one tf.numpy_function: (pseudo-labels,
+        acceptance probabilities, loss, empty clusters) as the op's four outputs."""
+        found = self.cluster_all(features, present, int(epoch))
+        accept = clustering.acceptance_probabilities(found.pseudo_labels, self.k)
+        return (found.pseudo_labels, accept.astype(np.float32), np.float32(found.loss),
+                np.int32(found.empty_clusters))
 
 
 @dataclasses.dataclass
@@ -109,15 +110,15 @@ class FinalClustering:
     centroids: np.ndarray
     epochs: int
 
-    def save(self, model_dir: str) -> None:
-        save_array(os.path.join(model_dir, "assignments", "final.npy"), self.labels)
-        with fileio.atomic_open(os.path.join(model_dir, "final_clustering.npz"), "wb") as f:
+    def save(self, run: RunDir) -> None:
+        run.save_assignment("final", self.labels)
+        with fileio.atomic_open(run.final_clustering, "wb") as f:
             np.savez(f, **dataclasses.asdict(self))
 
     @classmethod
-    def load(cls, model_dir: str, epochs: int) -> Optional["FinalClustering"]:
+    def load(cls, run: RunDir, epochs: int) -> Optional["FinalClustering"]:
         """The saved final clustering if it belongs to a run of `epochs` epochs, else None."""
-        path = os.path.join(model_dir, "final_clustering.npz")
+        path = run.final_clustering
         if not os.path.exists(path):
             return None
         with np.load(path) as f:
@@ -125,13 +126,12 @@ class FinalClustering:
         return saved if int(saved.epochs) == epochs else None
 
 
-def save_final(model_dir: str, final: FinalClustering, figures: dict) -> None:
-    """Writes the final clustering and its figures (final_clustering.json)."""
+def save_final(run: RunDir, final: FinalClustering, figures: dict) -> None:
+    """Writes the final clustering and its figures."""
     # The figures first: a saved final clustering is reused on a re-run, so it must never
     # exist without its figures.
-    fileio.atomic_write(os.path.join(model_dir, "final_clustering.json"),
-                        json.dumps(figures, indent=1))
-    final.save(model_dir)
+    fileio.atomic_write(run.final_figures, json.dumps(figures, indent=1))
+    final.save(run)
     failpoints.reach("final.saved")
     logging.info("final clustering: %s", ", ".join(f"{key} {figure(value)}"
                                                     for key, value in figures.items()))
@@ -150,7 +150,7 @@ class FixedLabelsCallback(keras.callbacks.Callback):
     def __init__(self, labels: np.ndarray, num_classes: int, model_dir: str):
         super().__init__()
         self.labels = labels.astype(np.int32)
-        self.num_classes, self.model_dir = num_classes, model_dir
+        self.num_classes, self.run = num_classes, RunDir(model_dir)
         self.stats = empty_stats()
         self.skipped = np.zeros(0, np.int64)
 
@@ -161,7 +161,7 @@ class FixedLabelsCallback(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch, logs=None):
         self.model.epoch.assign(epoch)
-        save_array(assignment_path(self.model_dir, epoch), self.labels)
+        self.run.save_assignment(epoch, self.labels)
 
 
 class ReclusterCallback(keras.callbacks.Callback):
@@ -175,7 +175,8 @@ class ReclusterCallback(keras.callbacks.Callback):
         labels); called at each reclustering.
       clusterer: the numpy clustering.
       num_examples, pca_dim, pca_sample: as in `extract_features`.
-      model_dir: where `assignments/epoch_NNNN.npy` go (a non-chief worker's scratch folder).
+      model_dir: the run folder whose epoch assignments it writes (a non-chief worker's scratch
+        folder).
       reassign: epochs between reclusterings.
       strategy: the tf.distribute strategy the model lives in (None: one device). The feature
         pass is sharded over its replicas; only the chief clusters, and every worker assigns the
@@ -195,17 +196,17 @@ class ReclusterCallback(keras.callbacks.Callback):
         self.infer, self.refresh_infer = infer, refresh_infer
         self.feature_data, self.clusterer = feature_data, clusterer
         self.num_examples, self.pca_dim, self.pca_sample = num_examples, pca_dim, pca_sample
-        self.model_dir, self.reassign = model_dir, reassign
+        self.run, self.reassign = RunDir(model_dir), reassign
         self.strategy, self.check_readable = strategy, check_readable
         self.chief = strategy is None or distribute.is_chief(strategy)
-        self.labels: Optional[np.ndarray] = None  # ground truth, learnt in the feature pass
+        self.ground_truth: Optional[np.ndarray] = None  # labels, learnt in the feature pass
         self.previous: Optional[np.ndarray] = None
         self.stats: dict = {}
         self.skipped: np.ndarray = np.zeros(0, np.int64)
 
     def resume(self, epoch: int) -> None:
         """Picks up the assignment the run had before `epoch` (for nmi_prev after a restart)."""
-        self.previous = previous_assignment(self.model_dir, epoch)
+        self.previous = self.run.previous_assignment(epoch)
 
     def on_epoch_begin(self, epoch, logs=None):
         self.stats = empty_stats()
@@ -216,7 +217,7 @@ class ReclusterCallback(keras.callbacks.Callback):
             self._recluster(epoch)
         self.model.epoch.assign(epoch)  # the sampler's stream of this epoch
         assignment = self.model.pseudo_labels.numpy()
-        save_array(assignment_path(self.model_dir, epoch), assignment)
+        self.run.save_assignment(epoch, assignment)
         failpoints.reach("assignment.saved")
         self.previous = assignment
 
@@ -225,44 +226,37 @@ class ReclusterCallback(keras.callbacks.Callback):
         if self.strategy is not None:  # every replica computes features with the chief's network
             distribute.sync_from_chief(self.strategy, self.model.backbone.non_trainable_variables)
         self.refresh_infer()
-        return extract_features(self.infer, self.feature_data(), self.num_examples,
-                                self.pca_dim, self.pca_sample, strategy=self.strategy,
-                                check_readable=self.check_readable)
+        fp = extract_features(self.infer, self.feature_data(), self.num_examples, self.pca_dim,
+                              self.pca_sample, strategy=self.strategy,
+                              check_readable=self.check_readable)
+        if len(fp.missing):  # images that vanished since the previous pass too
+            self.skipped = fp.missing
+        self.ground_truth = fp.labels if (fp.labels >= 0).any() else None
+        return fp
 
     def cluster_final(self, epochs: int) -> Optional[FinalClustering]:
-        """Clusters the features of the trained network once more (after the last epoch), saves
-        it as assignments/final.npy and logs its figures to final_clustering.json.
+        """Clusters the features of the trained network once more (after the last epoch), and
+        saves it with its figures as the run's final clustering.
 
         A non-chief worker takes part in the (collective) feature pass only and returns None.
         """
         fp = self._feature_pass("final")
-        if len(fp.missing):  # images that vanished since the last epoch's pass too
-            self.skipped = fp.missing
         if not self.chief:
             return None
         start = time.time()
-        found, centroids, loss, empty = self.clusterer.cluster(fp.features[fp.present], epochs)
-        labels = np.full(self.num_examples, -1, np.int32)
-        labels[fp.present] = found
+        found = self.clusterer.cluster_all(fp.features, fp.present, epochs)
         dim = fp.features.shape[1]
         pca = fp.pca or clustering.PCAWhitening(np.zeros(dim, np.float32),
                                                 np.eye(dim, dtype=np.float32))
-        final = FinalClustering(labels, pca.mean, pca.matrix, centroids, epochs)
-        figures = {"epochs": epochs, "kmeans_loss": None if np.isnan(loss) else float(loss),
-                   "empty_clusters": int(empty), "time_features_s": fp.seconds,
-                   "time_cluster_s": time.time() - start,
-                   "nmi_prev": (clustering.nmi(labels, self.previous)
-                                if self.previous is not None else None),
-                   "nmi_labels": (clustering.nmi(labels, fp.labels)
-                                  if (fp.labels >= 0).any() else None)}
-        save_final(self.model_dir, final, figures)
+        final = FinalClustering(found.pseudo_labels, pca.mean, pca.matrix, found.centroids,
+                                epochs)
+        figures = {"epochs": epochs, **self._figures(found.pseudo_labels, found.loss,
+                                                     found.empty_clusters, fp, start)}
+        save_final(self.run, final, figures)
         return final
 
     def _recluster(self, epoch: int) -> None:
         fp = self._feature_pass(epoch)
-        if len(fp.missing):
-            self.skipped = fp.missing
-        self.labels = fp.labels if (fp.labels >= 0).any() else None
         logging.info("epoch %d: %s of %d x %d features into k=%d%s", epoch,
                      self.clusterer.method, int(fp.present.sum()), fp.features.shape[1],
                      self.clusterer.k, "" if self.chief else ", on the chief")
@@ -270,17 +264,25 @@ class ReclusterCallback(keras.callbacks.Callback):
         # A tensor epoch: a Python int would retrace the function every epoch.
         loss, empty = self._assign(fp.features, fp.present, tf.constant(epoch, tf.int64))
         self.model.reset_head()
-        labels = self.model.pseudo_labels.numpy()
-        self.stats.update(
-            kmeans_loss=float(loss), empty_clusters=int(empty),
-            nmi_prev=(clustering.nmi(labels, self.previous)
-                      if self.previous is not None else None),
-            nmi_labels=(clustering.nmi(labels, self.labels) if self.labels is not None else None),
-            time_features_s=fp.seconds, time_cluster_s=time.time() - start,
-            cluster_sizes=clustering.cluster_sizes(labels, self.clusterer.k))
+        pseudo_labels = self.model.pseudo_labels.numpy()
+        self.stats.update(self._figures(pseudo_labels, float(loss), int(empty), fp, start),
+                          cluster_sizes=clustering.cluster_sizes(pseudo_labels, self.clusterer.k))
         logging.info("epoch %d: clustered in %.1fs, loss %.4f, %d empty clusters, nmi_prev %s, "
                      "nmi_labels %s", epoch, self.stats["time_cluster_s"], loss, empty,
                      figure(self.stats["nmi_prev"]), figure(self.stats["nmi_labels"]))
+
+    def _figures(self, pseudo_labels: np.ndarray, loss: float, empty: int, fp: FeaturePass,
+                 start: float) -> dict:
+        """The figures of a clustering (every epoch's and the final one): its loss, empty
+        clusters, NMI with the previous clustering and with the ground truth, and the time of
+        the feature pass and of the clustering (since `start`)."""
+        return {"kmeans_loss": None if np.isnan(loss) else float(loss),
+                "empty_clusters": int(empty), "time_features_s": fp.seconds,
+                "time_cluster_s": time.time() - start,
+                "nmi_prev": (clustering.nmi(pseudo_labels, self.previous)
+                             if self.previous is not None else None),
+                "nmi_labels": (clustering.nmi(pseudo_labels, self.ground_truth)
+                               if self.ground_truth is not None else None)}
 
     @tf.function
     def _assign(self, features, present, epoch):

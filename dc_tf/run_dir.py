@@ -1,183 +1,221 @@
-"""The model_dir of a run: one run at a time, one configuration per folder, resumed from its
-newest checkpoint that loads or refused with the reason."""
+"""RunDir: the run folder (--model_dir) of one training run. It is the only place that names the
+folder's files, and it reads and writes the run's record.
 
-import fcntl
+The layout is public (downstream tools read it):
+
+    config.json               the resolved configuration, as `TrainConfig.to_json`
+    examples.tsv              index, source and label of every training image
+    metrics.jsonl             one JSON row of figures per trained epoch
+    logs/                     TensorBoard summaries
+    checkpoints/              the checkpoints a killed run resumes from
+    assignments/epoch_NNNN.npy  int32 [N] cluster of every image during epoch NNNN (-1: none)
+    assignments/final.npy     the final clustering of the trained network
+    final_clustering.npz      that clustering with its PCA and centroids (what `assign` uses)
+    final_clustering.json     its figures (NMI, k-means loss, ...)
+    skipped.tsv               the images that could not be read, with the reason
+    report.html               the run's page
+    export/                   the SavedModel for downstream tasks
+    workertemp_N/             scratch folder of worker N of a multi-worker run
+    .lock                     held by the run that owns the folder
+"""
+
+import csv
 import json
 import os
-import shutil
-import zipfile
+import re
 from typing import Optional
 
 import numpy as np
 from absl import logging
 
 from dc_core import fileio
-from dc_tf import checkpoint, config, monitor
 
 
-class RunLock:
-    """An exclusive lock on MODEL_DIR/.lock holding the owner's PID.
+class RunDir:
+    """The paths and the record of the run folder at `path`."""
 
-    `flock` locks die with their process, SIGKILL included, so a killed run never leaves a stale
-    lock behind.
-    """
+    def __init__(self, path: str):
+        self.path = path
 
-    def __init__(self, model_dir: str):
-        self.model_dir = model_dir
-        self.path = os.path.join(model_dir, ".lock")
-        self._file = None
+    def __repr__(self):
+        return f"RunDir({self.path!r})"
 
-    def __enter__(self):
-        os.makedirs(self.model_dir, exist_ok=True)
-        self._file = open(self.path, "a+")
+    def _join(self, *names: str) -> str:
+        return os.path.join(self.path, *names)
+
+    # ------------------------------------------------------------------------------- paths
+    config = property(lambda self: self._join("config.json"))
+    examples = property(lambda self: self._join("examples.tsv"))
+    metrics = property(lambda self: self._join("metrics.jsonl"))
+    logs = property(lambda self: self._join("logs"))
+    checkpoints = property(lambda self: self._join("checkpoints"))
+    assignments = property(lambda self: self._join("assignments"))
+    final_assignment = property(lambda self: self._join("assignments", "final.npy"))
+    final_clustering = property(lambda self: self._join("final_clustering.npz"))
+    final_figures = property(lambda self: self._join("final_clustering.json"))
+    skipped = property(lambda self: self._join("skipped.tsv"))
+    report = property(lambda self: self._join("report.html"))
+    export = property(lambda self: self._join("export"))
+    lock = property(lambda self: self._join(".lock"))
+    # The suggested output of the linear probe on this run's export.
+    probe = property(lambda self: self._join("probe.json"))
+
+    def epoch_assignment(self, epoch: int) -> str:
+        return self._join("assignments", f"epoch_{epoch:04d}.npy")
+
+    def worker_scratch(self, task_id: int) -> "RunDir":
+        """The scratch folder of worker `task_id` of a multi-worker run, as a RunDir."""
+        return RunDir(self._join(f"workertemp_{task_id}"))
+
+    @staticmethod
+    def is_worker_scratch(name: str) -> bool:
+        return name.startswith("workertemp_")
+
+    def record(self) -> list:
+        """The record of a finished run that identifies it (not its checkpoints): the paths of
+        config.json, metrics.jsonl, final_clustering.json and every assignment file present."""
+        files = [p for p in (self.config, self.metrics, self.final_figures) if os.path.exists(p)]
+        if os.path.isdir(self.assignments):
+            files += [os.path.join(self.assignments, name)
+                      for name in sorted(os.listdir(self.assignments))]
+        return files
+
+    # ------------------------------------------------------------------------------- config
+    def has_run(self) -> bool:
+        return os.path.exists(self.config)
+
+    def write_config(self, text: str) -> None:
+        fileio.atomic_write(self.config, text)
+
+    def config_fields(self) -> dict:
+        """config.json's fields as JSON (OSError, ValueError when missing or unreadable)."""
+        with open(self.config, encoding="utf-8") as f:
+            return json.load(f)
+
+    # ------------------------------------------------------------------------------ metrics
+    def metrics_lines(self) -> list:
+        """(line, epoch or None) for every line of metrics.jsonl; [] when there is none. The
+        epoch is None for a line that is not a whole row (cut short by a kill, or garbled)."""
+        if not os.path.exists(self.metrics):
+            return []
+        with open(self.metrics, "rb") as f:
+            return [(line, _epoch_of(line)) for line in f]
+
+    def logged_epochs(self) -> list:
+        """The epochs of metrics.jsonl's whole rows, in file order."""
+        return [epoch for _, epoch in self.metrics_lines() if epoch is not None]
+
+    def read_metrics(self) -> list:
+        """metrics.jsonl's rows as dicts ([] for a run without epochs); lines that are not
+        whole rows (a run killed while appending) are left out."""
+        return [json.loads(line.decode("utf-8")) for line, epoch in self.metrics_lines()
+                if epoch is not None]
+
+    def truncate_metrics(self, before_epoch: int) -> None:
+        """Keeps the rows of epochs before `before_epoch`: drops those of later epochs (written
+        by a run killed before their checkpoint, or trained after a checkpoint that no longer
+        loads) and, with a warning naming it, any line that is not a whole row, so that the
+        next row starts a line of its own."""
+        rows = self.metrics_lines()
+        keep = []
+        for number, (line, epoch) in enumerate(rows, 1):
+            if epoch is None:
+                if line.strip():
+                    logging.warning("%s line %d is not a metrics row, dropped: %r", self.metrics,
+                                    number, line[:80])
+            elif epoch < before_epoch:
+                keep.append(line if line.endswith(b"\n") else line + b"\n")
+        if keep != [line for line, _ in rows]:
+            fileio.atomic_write(self.metrics, b"".join(keep))
+
+    def append_metrics(self, row: dict) -> None:
+        with open(self.metrics, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    # -------------------------------------------------------------------------- assignments
+    def save_assignment(self, epoch, labels: np.ndarray) -> None:
+        """Saves the clustering of `epoch` (an epoch number, or "final"), atomically."""
+        save_array(self.final_assignment if epoch == "final" else self.epoch_assignment(epoch),
+                   labels)
+
+    def load_assignment(self, epoch="final") -> np.ndarray:
+        """int32 [N] cluster of every example after `epoch` ("final", or an epoch number)."""
+        path = self.final_assignment if epoch == "final" else self.epoch_assignment(int(epoch))
+        if not os.path.exists(path):
+            found = sorted(os.listdir(self.assignments))
+            raise FileNotFoundError(f"--epoch={epoch}: no {path}; this run has "
+                                    f"{', '.join(found)}")
+        return np.load(path)
+
+    def previous_assignment(self, epoch: int) -> Optional[np.ndarray]:
+        """The assignment saved for epoch - 1, if any (nmi_prev of a resumed run's first epoch);
+        a file that does not read is reported and taken as missing."""
+        path = self.epoch_assignment(epoch - 1)
+        if epoch == 0 or not os.path.exists(path):
+            return None
         try:
-            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._file.seek(0)
-            owner = self._file.read().strip() or "unknown"
-            self._file.close()
-            raise config.ConfigError(
-                f"--model_dir={self.model_dir} is in use by another run (PID {owner}); wait for "
-                "it to finish or choose another --model_dir") from None
-        self._file.seek(0)
-        self._file.truncate()
-        self._file.write(f"{os.getpid()}\n")
-        self._file.flush()
-        return self
+            return np.load(path)
+        except (OSError, ValueError, EOFError) as e:
+            logging.warning("%s does not read (%s): the first epoch of this re-run has no "
+                            "nmi_prev", path, " ".join(str(e).split())[:200])
+            return None
 
-    def __exit__(self, *exc):
-        fcntl.flock(self._file, fcntl.LOCK_UN)
-        self._file.close()
+    def last_assignment(self):
+        """(what, int32 [N] pseudo-labels) of the newest clustering of a run ("final
+        clustering" or "epoch E"), else None. Supervised runs have none: they train on the
+        labels."""
+        if self.config_fields().get("supervised"):
+            return None
+        names = sorted(os.listdir(self.assignments)) if os.path.isdir(self.assignments) else []
+        epochs = [n for n in names if re.fullmatch(r"epoch_\d+\.npy", n)]
+        for name, what in (("final.npy", "final clustering"),
+                           *((n, f"epoch {int(n[6:-4])}") for n in reversed(epochs))):
+            if name in names:
+                try:
+                    return what, np.load(os.path.join(self.assignments, name))
+                except (OSError, ValueError, EOFError):
+                    continue  # a damaged file: the one before it
+        return None
 
-
-def claim(cfg: config.TrainConfig, overwrite: bool = False) -> Optional[str]:
-    """Makes MODEL_DIR hold `cfg`'s run; returns the checkpoint to resume from (None: train from
-    the first epoch). Call with the RunLock held.
-
-    A folder that `cfg` cannot resume is refused with a ConfigError saying why and the ways out,
-    or emptied first with `overwrite`: see `_resume_point`. A saved final clustering that the run
-    must not reuse is deleted, so that it is computed again from the checkpoint.
-
-    The scratch folders of multi-worker runs' other workers (workertemp_*) stay: those workers
-    are starting alongside the chief and may already have created theirs.
-    """
-    try:
-        resume, epochs_done = _resume_point(cfg)
-    except config.ConfigError as e:
-        if not overwrite:
-            raise
-        logging.warning("--overwrite: deleting the run in %s (%s)", cfg.model_dir, e)
-        for name in os.listdir(cfg.model_dir):
-            if name != ".lock" and not name.startswith("workertemp_"):
-                target = os.path.join(cfg.model_dir, name)
-                (shutil.rmtree if os.path.isdir(target) else os.remove)(target)
-        resume, epochs_done = None, 0
-    if resume is not None:
-        checkpoint.repair_index(os.path.dirname(resume), resume)
-    _check_final_clustering(cfg.model_dir, epochs_done)
-    fileio.atomic_write(os.path.join(cfg.model_dir, "config.json"), cfg.to_json())
-    return resume
-
-
-def _resume_point(cfg: config.TrainConfig) -> tuple:
-    """(the newest checkpoint in MODEL_DIR that loads, its completed epochs), (None, 0) for
-    none, once `cfg` may resume the run there. Otherwise a ConfigError: another run's
-    configuration (config.check_resumable); a config.json that does not read, or none beside a
-    trained run (the flags cannot be checked); a trained run none of whose checkpoints loads
-    (training from the first epoch would overwrite it); more epochs trained than --epochs asks
-    for (the export would carry a count it was not trained for)."""
-    folder = f"--model_dir={cfg.model_dir}"
-    trained = _trained(cfg.model_dir)
-    path = os.path.join(cfg.model_dir, "config.json")
-    if os.path.exists(path):
+    # ----------------------------------------------------------------------------- examples
+    def load_examples(self, num_examples: int) -> tuple:
+        """(sources: list of str, labels: int64 [N], -1 where unknown) from examples.tsv, which
+        must list the `num_examples` examples that the assignments index."""
         try:
-            with open(path, encoding="utf-8") as f:
-                saved = config.TrainConfig.from_json(f.read())
-        except (ValueError, TypeError) as e:  # not UTF-8, not JSON, or not a configuration
-            raise config.ConfigError(
-                f"{folder}: its config.json does not read ({' '.join(str(e).split())}), so these "
-                "flags cannot be checked against the run's; put the run's config.json back, or "
-                "re-run with --overwrite to delete the run") from None
-        config.check_resumable(saved, cfg)
-    elif trained:
-        raise config.ConfigError(
-            f"{folder} holds a run ({trained}) but no config.json, so these flags cannot be "
-            "checked against the run's; put its config.json back, or re-run with --overwrite "
-            "to delete the run")
-    resume = checkpoint.newest_that_loads(os.path.join(cfg.model_dir, "checkpoints"))
-    if resume is None:
-        if trained:
-            raise config.ConfigError(
-                f"{folder} holds a run ({trained}) but no checkpoint of it that loads, and "
-                "training from the first epoch would overwrite it; put back a checkpoint that "
-                "loads, or re-run with --overwrite to delete the run")
-        return None, 0
-    done = checkpoint.completed_epochs(resume)
-    if cfg.epochs < done:
-        raise config.ConfigError(
-            f"--epochs={cfg.epochs} is below the {done} epochs already trained in {folder}; "
-            f"re-run with --epochs={done} or more to resume, or with --overwrite to delete the "
-            "run and train anew")
-    return resume, done
+            with open(self.examples, encoding="utf-8") as f:
+                rows = list(csv.DictReader(f, delimiter="\t"))
+            labels = np.array([int(r["label"]) if r["label"] else -1 for r in rows], np.int64)
+        except (UnicodeDecodeError, KeyError, TypeError, ValueError):
+            rows = None
+        if rows is None or len(rows) != num_examples or any(
+                r["index"] != str(i) for i, r in enumerate(rows)):
+            raise ValueError(f"{self.examples} does not list the {num_examples} examples of the "
+                             "assignments (damaged or edited): re-run the training command of "
+                             "this run, which writes it again")
+        return [r["source"] for r in rows], labels
+
+    # ---------------------------------------------------------------------- final clustering
+    def final_figures_or_none(self) -> Optional[dict]:
+        """final_clustering.json's figures; None when the run has none (yet) or it does not
+        read."""
+        try:
+            with open(self.final_figures, encoding="utf-8") as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return None
 
 
-def _trained(model_dir: str) -> str:
-    """What in `model_dir` shows that a run trained there, in words ("": nothing): checkpoint
-    files, or metrics of an epoch after the first (a run killed before its first checkpoint
-    leaves the first epoch's row, and trains that epoch again)."""
-    found = []
-    numbers = checkpoint.checkpoint_numbers(os.path.join(model_dir, "checkpoints"))
-    if numbers:
-        found.append("checkpoints " + ", ".join(f"ckpt-{n}" for n in sorted(numbers)))
-    last = max(monitor.logged_epochs(os.path.join(model_dir, "metrics.jsonl")), default=0)
-    if last > 0:
-        found.append(f"metrics.jsonl rows up to epoch {last}")
-    return " and ".join(found)
-
-
-# What a final clustering file that does not read back raises.
-_UNREADABLE = (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile)
-
-
-def _check_final_clustering(model_dir: str, epochs_done: int) -> None:
-    """Deletes the saved final clustering (final_clustering.npz, which a re-run reuses) when it
-    must not be reused by a run resumed after `epochs_done` epochs, saying why: the recluster
-    callback then computes it again from the checkpoint, as after a kill."""
-    problem = _final_clustering_problem(model_dir, epochs_done)
-    if problem:
-        logging.warning("%s: computing the final clustering again from the checkpoint", problem)
-        os.remove(os.path.join(model_dir, "final_clustering.npz"))
-
-
-def _final_clustering_problem(model_dir: str, epochs_done: int) -> Optional[str]:
-    """Why the saved final clustering must not be reused (None: it may be, or there is none):
-    one of its files does not read back or does not match the others, or it belongs to more
-    epochs than the checkpoint holds (a newer checkpoint did not load: its network is lost)."""
-    saved = os.path.join(model_dir, "final_clustering.npz")
-    figures = os.path.join(model_dir, "final_clustering.json")
-    labels = os.path.join(model_dir, "assignments", "final.npy")
-    if not os.path.exists(saved):
-        return None  # none yet, or cut short by a kill: computed after the last epoch anyway
+def _epoch_of(line: bytes) -> Optional[int]:
+    """The epoch of a metrics.jsonl line (None: not a whole row: cut short or garbled)."""
     try:
-        with np.load(saved) as f:
-            final = {name: f[name] for name in f.files}
-        epochs = int(final["epochs"])
-    except _UNREADABLE as e:
-        return f"{saved} does not read ({e})"
-    if epochs > epochs_done:
-        return (f"{saved} is the clustering after {epochs} epochs, but the checkpoint resumed "
-                f"from holds {epochs_done}")
-    if epochs < epochs_done:
-        return None  # a shorter run's, which this one never reuses
-    try:
-        with open(figures, encoding="utf-8") as f:
-            if json.load(f)["epochs"] != epochs:
-                return f"{figures} belongs to another final clustering than {saved}"
-    except _UNREADABLE as e:
-        return f"{figures} does not read ({e})"
-    try:
-        if not np.array_equal(np.load(labels), final["labels"]):
-            return f"{labels} is not the final clustering of {saved}"
-    except _UNREADABLE as e:
-        return f"{labels} does not read ({e})"
-    return None
+        row = json.loads(line.decode("utf-8"))  # UnicodeDecodeError is a ValueError too
+    except ValueError:
+        return None
+    epoch = row.get("epoch") if isinstance(row, dict) else None
+    return epoch if isinstance(epoch, int) else None
+
+
+def save_array(path: str, array: np.ndarray) -> None:
+    """np.save, atomically (fileio): a killed run never leaves half an array."""
+    with fileio.atomic_open(path, "wb") as f:
+        np.save(f, array)

@@ -39,9 +39,9 @@ _HELP = {
     "channels": "Channels of --layer (default: --num_channels spread evenly).",
     "num_channels": "How many channels when --channels is not given.",
     "steps": "Gradient-ascent steps (docs/protocols.md §7: 1000).",
-    "learning_rate": "Gradient-ascent step length (0: §7's 3, and 30 for conv5).",
+    "learning_rate": "Gradient-ascent step length (0: docs/protocols.md §7's 3, and 30 for conv5).",
     "seed": "Seed of the initial noise (filters) and of the sample (projector).",
-    "top_k": "Top-activating images per channel (§7: 9).",
+    "top_k": "Top-activating images per channel (docs/protocols.md §7: 9).",
     "dataset": "top_images: images to rank (default: the run's training set); same syntax as "
                "dc_tf.train's --dataset.",
     "data_dir": "Data dir of --dataset.",

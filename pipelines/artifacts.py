@@ -5,8 +5,8 @@ has a type, as in TFX's standard artifacts. Its fingerprint is what a downstream
 cache key hashes: when the fingerprint of an input changes, the consumer runs again.
 
 Fingerprints hash what consumers read, not everything in a folder: an Export hashes every file of
-the SavedModel; a ModelDir hashes the run's record (config.json, metrics.jsonl,
-final_clustering.json, the names and sizes of assignments/*) but not its checkpoints, which only
+the SavedModel; a ModelDir hashes the run's record (`RunDir.record`: its configuration, metrics
+and final figures, and the names and sizes of its assignments) but not its checkpoints, which only
 serve resuming and would cost seconds per gigabyte to hash at ImageNet scale.
 """
 
@@ -15,7 +15,8 @@ import dataclasses
 import hashlib
 import os
 
-from dc_tf import data
+from dc_core.datasets import open_source
+from dc_tf.run_dir import RunDir
 
 _CHUNK = 1 << 20
 
@@ -62,13 +63,15 @@ class ModelDir(Artifact):
     """A dc_tf.train model_dir: its record, not its checkpoints."""
 
     def fingerprint(self) -> str:
-        files = ["config.json", "metrics.jsonl", "final_clustering.json"]
-        digest = hashlib.sha256(_hash_tree(self.path, files).encode())
-        assignments = os.path.join(self.path, "assignments")
-        if os.path.isdir(assignments):
-            for name in sorted(os.listdir(assignments)):
-                size = os.path.getsize(os.path.join(assignments, name))
-                digest.update(f"{name}\0{size}\0".encode())
+        run = RunDir(self.path)
+        record = run.record()
+        # The figures' files by content; the assignments, large, by name and size.
+        hashed = [p for p in record if os.path.dirname(p) != run.assignments]
+        digest = hashlib.sha256(_hash_tree(self.path, [os.path.relpath(p, self.path)
+                                                       for p in hashed]).encode())
+        for path in record:
+            if path not in hashed:
+                digest.update(f"{os.path.basename(path)}\0{os.path.getsize(path)}\0".encode())
         return digest.hexdigest()
 
 
@@ -98,7 +101,7 @@ class Report(Artifact):
 
 @dataclasses.dataclass(frozen=True)
 class DatasetRef:
-    """A dataset named by its --dataset value, as dc_tf.data.open_source reads it.
+    """A dataset named by its --dataset value, as dc_core.datasets.open_source reads it.
 
     The fingerprint covers the name only: a dataset's content is taken not to change under the
     same name, as TFDS versions promise (hashing ImageNet on every run is not an option).
@@ -108,8 +111,8 @@ class DatasetRef:
     max_examples: int = 0
 
     def check(self) -> None:
-        """Raises dc_tf.data.DatasetNotFoundError (saying how to get the data) when it is absent."""
-        data.open_source(self.dataset, self.data_dir, self.max_examples)
+        """Raises DatasetNotFoundError (saying how to get the data) when it is absent."""
+        open_source(self.dataset, self.data_dir, self.max_examples)
 
     def fingerprint(self) -> str:
         key = f"{self.dataset}\0{self.data_dir}\0{self.max_examples}"

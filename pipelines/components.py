@@ -114,10 +114,11 @@ class LinearProbe(Component):
 class Evaluation(Component):
     """One of the evaluation programs on each export, with the same settings.
 
-    program: "retrieval" (eval.retrieval, docs/protocols.md §6), "voc_classification" (§4) or
-    "voc_detection" (§5); `settings` are fields of that program's config (dataset and
-    data_dir, or voc and mode, ...). Writes evaluation.json: {"program", "tables" (one markdown
-    table per model, captioned with its label), "models" (each model's report)}.
+    program: "retrieval" (eval.retrieval, docs/protocols.md §6), "voc_classification"
+    (docs/protocols.md §4) or "voc_detection" (docs/protocols.md §5); `settings` are fields of
+    that program's config (dataset and data_dir, or voc and mode, ...). Writes evaluation.json:
+    {"program", "tables" (one markdown table per model, captioned with its label), "models" (each
+    model's report)}.
     """
     OUTPUTS = {"metrics": (artifacts.Metrics, "evaluation.json")}
     CODE = ("dc_tf", "eval")

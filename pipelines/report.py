@@ -22,7 +22,8 @@ import numpy as np
 
 from dc_core import fileio
 from dc_core.errors import ConfigError
-from dc_tf import report as pages
+from dc_core import pages
+from dc_tf.run_dir import RunDir
 from eval import metrics
 from eval.linear_probe import markdown_table
 
@@ -216,7 +217,7 @@ def write_report(out_dir: str, title: str, probe_reports: dict, runs: dict, thre
     for section, tables in (evaluation_tables or {}).items():
         blocks += [("h2", section), *(("md", table) for table in tables)]
 
-    metrics = {label: pages.read_metrics(path) for label, path in runs.items()}
+    metrics = {label: RunDir(path).read_metrics() for label, path in runs.items()}
     keys = ["loss", "nmi_labels", "nmi_prev", "empty_clusters"]
     if metrics:
         blocks.append(("h2", "Training"))
@@ -224,7 +225,7 @@ def write_report(out_dir: str, title: str, probe_reports: dict, runs: dict, thre
                        [[label, str(len(rows)), *("-" if not rows or rows[-1].get(k) is None
                                                   else f"{rows[-1][k]:.4g}" for k in keys)]
                         for label, rows in metrics.items()]))
-        blocks.append(("p", "Last epoch of each run's metrics.jsonl; a run without epochs "
+        blocks.append(("p", "Last epoch of each run's metrics; a run without epochs "
                             "(Random) has none."))
     nmi = [(f"{label} {key}", [r["epoch"] for r in rows if r.get(key) is not None],
             [r[key] for r in rows if r.get(key) is not None])
@@ -238,7 +239,7 @@ def write_report(out_dir: str, title: str, probe_reports: dict, runs: dict, thre
         blocks.append(("img", pages.plot("loss.png", "Training loss", "epoch", "loss", loss)))
     sizes = []
     for label, path in runs.items():
-        last = pages.last_assignment(path)
+        last = RunDir(path).last_assignment()
         if last is not None:
             counts = np.bincount(last[1][last[1] >= 0])
             counts = np.sort(counts[counts > 0])[::-1]

@@ -15,9 +15,8 @@ import sys
 
 from absl import app, flags
 
-from dc_core.errors import ConfigError
+from dc_core.errors import ConfigError, DatasetNotFoundError
 from dc_tf import train_flags
-from dc_tf.data import DatasetNotFoundError
 from pipelines import engine
 from pipelines.definitions import PIPELINES
 

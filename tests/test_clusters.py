@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, folder_smoke_config, write_image
-from dc_tf import clusters, train
+from dc_tf import train
+from dc_tf.run_dir import RunDir
 
 
 @pytest.fixture(scope="module")
@@ -36,12 +37,12 @@ def _cli(module, *args):
 
 def test_examples_tsv_maps_every_index_to_its_file(folder_run):
     root, cfg = folder_run
-    sources, labels = clusters.load_examples(cfg.model_dir, 32)
+    sources, labels = RunDir(cfg.model_dir).load_examples(32)
     files = sorted(os.path.relpath(os.path.join(d, f), root)
                    for d, _, fs in os.walk(root) for f in fs)
     assert sources == files and len(sources) == 32
     assert labels.tolist() == [int(s.split(os.sep)[0][-1]) for s in sources]
-    final = clusters.load_assignment(cfg.model_dir)
+    final = RunDir(cfg.model_dir).load_assignment()
     bad = {sources.index(os.path.join("class0", "batch0", "broken.jpg")),
            sources.index(os.path.join("class2", "notes.jpg"))}
     assert {int(i) for i in np.flatnonzero(final < 0)} == bad
@@ -51,8 +52,8 @@ def test_clusters_report_and_links(folder_run, tmp_path):
     root, cfg = folder_run
     out = _cli("dc_tf.clusters", f"--model_dir={cfg.model_dir}", f"--export_to={tmp_path}/links")
     assert "3 non-empty clusters of 32 examples (2 unreadable)" in out
-    final = clusters.load_assignment(cfg.model_dir)
-    sources, _ = clusters.load_examples(cfg.model_dir, 32)
+    final = RunDir(cfg.model_dir).load_assignment()
+    sources, _ = RunDir(cfg.model_dir).load_examples(32)
     links = {}
     for folder in os.listdir(tmp_path / "links"):
         for name in os.listdir(tmp_path / "links" / folder):
@@ -87,8 +88,8 @@ def test_assign_cli_puts_new_images_into_the_learnt_clusters(folder_run, tmp_pat
     assert "assigned 30 images, skipped 2 unreadable" in out
     with open(tmp_path / "a.csv") as f:
         rows = list(csv.DictReader(f))
-    final = clusters.load_assignment(cfg.model_dir)
-    sources, _ = clusters.load_examples(cfg.model_dir, 32)
+    final = RunDir(cfg.model_dir).load_assignment()
+    sources, _ = RunDir(cfg.model_dir).load_examples(32)
     agree = np.mean([int(r["cluster"]) == final[sources.index(r["file"])] for r in rows])
     assert len(rows) == 30 and agree >= 0.9, agree
     skipped = open(tmp_path / "a.csv.skipped.tsv").read()

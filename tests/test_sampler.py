@@ -12,7 +12,7 @@ from dc_core.clustering import acceptance_probabilities
 from dc_core.sources import ArraySource
 from dc_tf.data import pipelines, sampler
 from dc_tf.model import DeepClusterModel
-from dc_tf.recluster import Clusterer, ReclusterCallback
+from dc_tf.recluster import Clusterer, Clustering, ReclusterCallback
 
 
 @dataclasses.dataclass
@@ -142,7 +142,7 @@ class _PlannedClusterer(Clusterer):
 
     def cluster(self, x, epoch):
         labels = self.plans[epoch][:len(x)]
-        return labels, np.zeros((self.k, x.shape[1]), np.float32), 0.0, 0
+        return Clustering(labels, np.zeros((self.k, x.shape[1]), np.float32), 0.0, 0)
 
 
 class _RecordingModel(DeepClusterModel):

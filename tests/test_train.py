@@ -26,8 +26,8 @@ def trained(tmp_path_factory):
 
 @pytest.mark.parametrize("batch, expected", [(64, 256), (256, 256), (100, 300), (512, 512)])
 def test_feature_pass_batch_is_the_least_multiple_of_the_training_batch_from_256(batch, expected):
-    from dc_tf import train
-    assert train.feature_batch_size(batch) == expected
+    from dc_tf.data import pipelines
+    assert pipelines.feature_batch_size(batch) == expected
 
 
 def _metrics(model_dir):
@@ -111,6 +111,54 @@ assert len(weights) > 10 and all(g is not None for g in grads), [w.name for w in
                             cwd=str(tmp_path), env={**os.environ, "PYTHONPATH": ""})
     assert result.returncode == 0, result.stderr[-2000:]
     assert "max abs diff" in result.stdout
+
+
+def test_the_export_describes_itself_in_its_info_file(trained, tmp_path):
+    """assets/dc_tf_export.json says what the export is (endpoints as its serving signature
+    has them); a copy of the folder keeps it, and eval.features reads it back."""
+    import shutil
+
+    import tensorflow as tf
+    from dc_tf import export, models
+    from eval.features import ExportedBackbone
+
+    cfg = trained
+    path = os.path.join(cfg.model_dir, "export")
+    with open(os.path.join(path, export.INFO_FILE)) as f:
+        info = json.load(f)
+    serve = tf.saved_model.load(path).signatures["serving_default"]
+    assert (info["format"], info["format_version"]) == ("dc_tf_export", export.INFO_VERSION)
+    assert info["method"] in (None, "deepcluster")  # None while dc_tf.train passes no method
+    assert (info["arch"], info["image_size"], info["channels"], info["min_size"]) == (
+        "small_vgg", 32, 1, models.min_image_size("small_vgg"))
+    assert (info["input_dtype"], info["input_range"]) == ("uint8", [0, 255])
+    assert info["normalization"] == {"mean": list(cfg.mean), "std": list(cfg.std)}
+    assert info["sobel"] is False
+    assert info["endpoints"] == {name: list(out.shape[1:])
+                                 for name, out in sorted(serve.structured_outputs.items())}
+    assert info["conv_endpoints"] == ["conv1", "conv2", "conv3"]
+    assert info["signatures"] == ["assign", "conv_features", "serving_default"]
+    assert (info["embedding"], info["assign"]) == (False, True)
+    assert (info["cluster_endpoint"], info["num_clusters"]) == ("fc7_pre_relu", cfg.num_clusters)
+    copy = shutil.copytree(path, tmp_path / "copy")
+    backbone = ExportedBackbone(str(copy))
+    assert backbone.info == info and backbone.arch == "small_vgg"
+
+
+def test_the_info_file_records_the_method_and_the_front_end_the_caller_gives(tmp_path):
+    from dc_tf import export, models
+
+    backbone = models.build_backbone("small_vgg", 32, 3, True, (0.5,), (0.25,), seed=0)
+    path = export.export_saved_model(backbone, str(tmp_path / "export"), 32, 3,
+                                     models.min_image_size("small_vgg"), method="supervised")
+    with open(os.path.join(path, export.INFO_FILE)) as f:
+        info = json.load(f)
+    assert (info["method"], info["arch"], info["channels"], info["sobel"]) == (
+        "supervised", "small_vgg", 3, True)
+    assert info["normalization"] == {"mean": [0.5], "std": [0.25]}
+    assert info["signatures"] == ["conv_features", "serving_default"]
+    assert (info["assign"], info["cluster_endpoint"], info["num_clusters"]) == (False, None, None)
+    assert not os.path.exists(path.rstrip("/") + ".tmp")
 
 
 def _same_run(a: str, b: str) -> bool:

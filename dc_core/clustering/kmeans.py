@@ -195,8 +195,7 @@ def _shortlist_kmeans(x, num_clusters, seed, niter, use_gpu, verbose):
     decreasing. The start is k distinct examples drawn with the seed, like FAISS's.
 
     Returns (labels int32 [N], centroids float32 [k, d] of the last update, loss of the last
-    assignment); clusters may be empty.
-    """
+    assignment); clusters may be empty."""
     n, dim = x.shape
     rng = np.random.default_rng(seed)
     centroids = x[np.sort(rng.choice(n, num_clusters, replace=False))].copy()
@@ -273,10 +272,8 @@ def split_empty_clusters(x: np.ndarray, labels: np.ndarray, centroids: np.ndarra
     labels = np.array(labels, dtype=np.int32)
     centroids = np.array(centroids, dtype=np.float32)
     if x.ndim != 2 or centroids.ndim != 2 or centroids.shape[1] != x.shape[1]:
-        raise ValueError(
-            f"x {x.shape} and centroids {centroids.shape} must be [N, d] and [k, d]")
-    n = x.shape[0]
-    k, dim = centroids.shape
+        raise ValueError(f"x {x.shape} and centroids {centroids.shape} must be [N, d] and [k, d]")
+    (n, _), (k, dim) = x.shape, centroids.shape
     if labels.shape != (n,):
         raise ValueError(f"labels has shape {labels.shape}, expected ({n},) to match x")
     if n and (labels.min() < 0 or labels.max() >= k):

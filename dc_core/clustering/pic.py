@@ -138,8 +138,7 @@ def pic(x: np.ndarray, num_neighbors: int = 5, sigma: float = 0.2, alpha: float 
        deepcluster issue #19), pointers are followed to a local maximum, one cluster per maximum.
     4. Singletons join the cluster of their nearest non-singleton neighbour.
     5. If max_clusters is given (not in the release), the smallest clusters are merged into a
-       neighbouring cluster until at most max_clusters remain, so a classifier head of width
-       max_clusters covers every label.
+       neighbouring one until at most max_clusters remain (a head of that width covers them).
 
     Args:
         x: float [N, d] features, already PCA-whitened and L2-normalised.
@@ -149,8 +148,7 @@ def pic(x: np.ndarray, num_neighbors: int = 5, sigma: float = 0.2, alpha: float 
         niter: power iterations.
         max_clusters: upper bound on the number of clusters, or None for no bound.
 
-    Returns:
-        int32 [N] labels, contiguous in 0..C-1.
+    Returns int32 [N] labels, contiguous in 0..C-1.
     """
     x = np.ascontiguousarray(x, dtype=np.float32)
     if x.ndim != 2:

@@ -20,7 +20,7 @@ __all__ = ["FASHION_MNIST_CLASSES", "FASHION_MNIST_DIR", "DatasetNotFoundError",
 
 def write_index_map(source: Source, path: str) -> None:
     """Writes `index<TAB>source<TAB>label` for every example (label empty where unknown), so
-    that assignments/*.npy, indexed by example, can be traced to files. A file already at `path`
+    that the run's assignments, indexed by example, can be traced to files. A file already at `path`
     that holds exactly this is left alone; one that does not (truncated, garbled, edited, or
     written for other images) is named in a warning and replaced."""
     labels = source.labels

@@ -1,6 +1,7 @@
 """The tf.data pipelines of a run: the ordered feature pass, DeepCluster's balanced training
 stream and DeepCluster-v2's multi-crop stream."""
 
+import math
 import re
 from typing import Optional
 
@@ -28,6 +29,16 @@ _FIXED_PARALLELISM.autotune.enabled = False
 # one DeepCluster-v2 pass falls short of the epoch's steps on a folder with more unreadable
 # images than a batch's remainder.
 _READS_PER_IMAGE = 2
+
+
+# The feature pass's batch: inference has no reason to use small SGD batches, and larger ones
+# run faster. The least multiple of the training batch, which splits evenly over the replicas,
+# that holds FEATURE_BATCH images.
+FEATURE_BATCH = 256
+
+
+def feature_batch_size(batch_size: int) -> int:
+    return batch_size * math.ceil(FEATURE_BATCH / batch_size)
 
 
 def feature_dataset(source: Source, resize_size: int, image_size: int, batch_size: int,
@@ -146,9 +157,10 @@ def _per_epoch(epoch: tf.Variable, one_epoch, steps: int) -> tf.data.Dataset:
 
 
 def multicrop_dataset(source: Source, epoch: tf.Variable, image_size: int, global_crops: int,
-                      global_scale: tuple, local_crops: int, local_size: int, local_scale: tuple, crop_ratio: tuple,
-                      batch_size: int, steps: int, seed: int, color_jitter: float = 0.0,
-                      blur: bool = False, shard: tuple = (1, 0)) -> tf.data.Dataset:
+                      global_scale: tuple, local_crops: int, local_size: int, local_scale: tuple,
+                      crop_ratio: tuple, batch_size: int, steps: int, seed: int,
+                      color_jitter: float = 0.0, blur: bool = False,
+                      shard: tuple = (1, 0)) -> tf.data.Dataset:
     """One epoch of `steps` batches of multi-crop views (DeepCluster-v2, docs/protocols.md §9).
 
     Every example once per epoch, in an order keyed by (seed, epoch), then, as far as unreadable
@@ -173,42 +185,49 @@ def multicrop_dataset(source: Source, epoch: tf.Variable, image_size: int, globa
         # the first pass short of the epoch's steps.
         keys = [sampler.stream_key(seed, epoch, salt=4 + p if p else 0)
                 for p in range(_READS_PER_IMAGE)]
-        if source.random_access:
-            order = tf.concat([tf.random.experimental.stateless_shuffle(
-                tf.range(source.num_examples, dtype=tf.int64), seed=key) for key in keys], 0)
-            ds = tf.data.Dataset.from_tensor_slices((order, order))
-        else:
-            pairs = source.triples().map(lambda index, payload, label: (index, payload))
-            ds = pairs.shuffle(10_000, seed=keys[0][0] ^ keys[0][1])
-            for key in keys[1:]:
-                ds = ds.concatenate(pairs.shuffle(10_000, seed=key[0] ^ key[1]))
+        shapes = ([(image_size, global_scale)] * global_crops
+                  + [(local_size, local_scale)] * local_crops)
 
         def load(position, pair):
             index, payload = pair
             image = source.decode(index, payload)
             seeds = tf.random.experimental.stateless_split(
-                tf.random.experimental.stateless_fold_in(views, position), global_crops + local_crops)
-            shapes = ([(image_size, global_scale)] * global_crops
-                      + [(local_size, local_scale)] * local_crops)
-            return tuple(view(image, size, scale, seeds[i])
-                         for i, (size, scale) in enumerate(shapes)), tf.cast(index, tf.int32)
-
-        def view(image, size, scale, view_seed):
-            crop_seed, color_seed, blur_seed = tf.unstack(
-                tf.random.experimental.stateless_split(view_seed, 3))
-            crop = tf.ensure_shape(  # static channels: the colour distortion depends on them
-                transforms.random_resized_crop(image, size, scale, crop_ratio, crop_seed),
-                [size, size, source.channels])
-            if color_jitter:
-                crop = transforms.color_distortion(crop, color_jitter, color_seed)
-            if blur:
-                crop = transforms.gaussian_blur(crop, (0.1 * size / 224, 2.0 * size / 224),
-                                                blur_seed)
-            return crop
+                tf.random.experimental.stateless_fold_in(views, position), len(shapes))
+            crops = tuple(_view(image, size, scale, crop_ratio, source.channels, color_jitter,
+                                blur, seeds[i]) for i, (size, scale) in enumerate(shapes))
+            return crops, tf.cast(index, tf.int32)
 
         return _epoch_batches(
-            ds, load, batch_size, steps, shard, source.name,
+            _passes(source, keys), load, batch_size, steps, shard, source.name,
             f"each example was read up to {_READS_PER_IMAGE} times, so more than "
             f"{100 // _READS_PER_IMAGE} % of them are unreadable, or vanished during the run")
 
     return _per_epoch(epoch, one_epoch, steps)
+
+
+def _passes(source: Source, keys: list) -> tf.data.Dataset:
+    """(index, payload) of every example once per key, each pass in the key's order."""
+    if source.random_access:
+        order = tf.concat([tf.random.experimental.stateless_shuffle(
+            tf.range(source.num_examples, dtype=tf.int64), seed=key) for key in keys], 0)
+        return tf.data.Dataset.from_tensor_slices((order, order))
+    pairs = source.triples().map(lambda index, payload, label: (index, payload))
+    ds = pairs.shuffle(10_000, seed=keys[0][0] ^ keys[0][1])
+    for key in keys[1:]:
+        ds = ds.concatenate(pairs.shuffle(10_000, seed=key[0] ^ key[1]))
+    return ds
+
+
+def _view(image: tf.Tensor, size: int, scale: tuple, crop_ratio: tuple, channels: int,
+          color_jitter: float, blur: bool, view_seed: tf.Tensor) -> tf.Tensor:
+    """One multi-crop view: random resized crop, colour distortion, blur (multicrop_dataset)."""
+    crop_seed, color_seed, blur_seed = tf.unstack(
+        tf.random.experimental.stateless_split(view_seed, 3))
+    crop = tf.ensure_shape(  # static channels: the colour distortion depends on them
+        transforms.random_resized_crop(image, size, scale, crop_ratio, crop_seed),
+        [size, size, channels])
+    if color_jitter:
+        crop = transforms.color_distortion(crop, color_jitter, color_seed)
+    if blur:
+        crop = transforms.gaussian_blur(crop, (0.1 * size / 224, 2.0 * size / 224), blur_seed)
+    return crop

@@ -8,6 +8,8 @@ returns a dict of endpoint tensors; `cluster_endpoint` names the feature k-means
 
 from __future__ import annotations
 
+import contextlib
+
 import keras
 
 from dc_tf.config import ARCHS
@@ -20,7 +22,7 @@ _MODULES = {"alexnet": (alexnet, alexnet.build_alexnet),
             "resnet50": (resnet50, resnet50.build_resnet50),
             "small_vgg": (small_vgg, small_vgg.build_small_vgg)}
 
-__all__ = ["ARCHS", "FoldedBackbone", "NormalizePixels", "Sobel", "backbone_of", "build_backbone",
+__all__ = ["ARCHS", "FoldedBackbone", "NormalizePixels", "Sobel", "build_backbone",
            "cluster_endpoint", "head_endpoint", "min_image_size"]
 
 
@@ -72,17 +74,6 @@ def build_backbone(arch: str, image_size: int, channels: int, sobel: bool,
     return build(inputs, tuple(mean), tuple(std), sobel, seed, dropout)
 
 
-def backbone_of(cfg, seed: int | None = None) -> keras.Model:
-    """The backbone of a training run's config (a TrainConfig with its data filled in): seeded
-    by cfg.seed unless `seed` is given; DeepCluster-v2's without dropout, and of any input size
-    when its local crops have another size than the global ones."""
-    v2 = cfg.method == "deepcluster_v2"
-    return build_backbone(cfg.arch, cfg.image_size, cfg.channels, cfg.sobel, cfg.mean, cfg.std,
-                          seed=cfg.seed if seed is None else seed, dropout=not v2,
-                          any_size=v2 and cfg.local_crops > 0
-                          and cfg.local_crop_size != cfg.image_size)
-
-
 def min_image_size(arch: str) -> int:
     """Smallest input height and width `arch` accepts (its pools must leave a pixel)."""
     _check_arch(arch)
@@ -99,3 +90,19 @@ def head_endpoint(arch: str) -> str:
     """Name of the endpoint the DeepCluster top layer Dense(k) is applied to."""
     _check_arch(arch)
     return "pool" if arch == "resnet50" else "fc7"
+
+
+@contextlib.contextmanager
+def precision_policy(name: str):
+    """Keras's global dtype policy for the layers built inside, restored afterwards.
+
+    mixed_bfloat16 computes in bfloat16 and keeps float32 variables; bfloat16 has float32's
+    exponent range, so no loss scaling is needed. The top layer and the clustering features
+    stay float32 (DeepClusterModel, the feature pass).
+    """
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(name)
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(previous)

@@ -15,8 +15,8 @@ networks take normalised images; dc_tf's normalise inside, layer "normalize"), a
 and channels (224x224x3 for the paper's networks, 32x32x1 for Fashion-MNIST). In raw [0, 255]
 pixels the same decay and step would be 255·std times stronger than the objective's gradient and
 only darken the image. The initial noise is N(128, 20²) in pixels, normalised. The released code
-also switches to the pre-ReLU map of a channel that is dead on the current image; §7 does not,
-and neither does this: the log-softmax still moves such an image by lowering the other channels.
+also switches to the pre-ReLU map of a channel that is dead on the current image (docs/protocols.md
+§7); this does not: the log-softmax still moves such an image by lowering the other channels.
 Channels are optimised together as one batch; batch normalisation runs in inference mode, so
 every image's gradient is its own.
 """
@@ -38,7 +38,7 @@ NOISE_MEAN, NOISE_STD = 128.0, 20.0
 
 
 def default_learning_rate(layer: str) -> float:
-    """§7: 3, and 30 for conv5 (whose averaged activation moves more slowly)."""
+    """docs/protocols.md §7: 3, and 30 for conv5 (whose averaged activation moves more slowly)."""
     return 30.0 if layer == "conv5" else 3.0
 
 

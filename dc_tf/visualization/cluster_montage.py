@@ -6,7 +6,6 @@ seed (run seed, epoch), so `python -m dc_tf.visualize clusters --epoch=E` redraw
 image the callback logged for epoch E.
 """
 
-import os
 from typing import Optional
 
 import keras
@@ -15,7 +14,7 @@ import tensorflow as tf
 
 from dc_tf import data
 from dc_tf.clusters import cluster_table
-from dc_tf.recluster import assignment_path
+from dc_tf.run_dir import RunDir
 from dc_tf.visualization import montage
 from dc_tf.visualization.trained import load_views
 
@@ -103,20 +102,20 @@ class ClusterMontageCallback(keras.callbacks.Callback):
 
     Args:
       source: the training images.
-      model_dir: the run folder (assignments/, logs/).
+      model_dir: the run folder (RunDir: its epoch assignments and logs).
       seed: the run's seed.
     """
 
     def __init__(self, source: data.Source, model_dir: str, seed: int):
         super().__init__()
-        self.source, self.model_dir, self.seed = source, model_dir, seed
+        self.source, self.run, self.seed = source, RunDir(model_dir), seed
         self.writer = None
 
     def on_train_begin(self, logs=None):
-        self.writer = tf.summary.create_file_writer(os.path.join(self.model_dir, "logs"))
+        self.writer = tf.summary.create_file_writer(self.run.logs)
 
     def on_epoch_begin(self, epoch, logs=None):
-        assignment = np.load(assignment_path(self.model_dir, epoch))
+        assignment = self.run.load_assignment(epoch)
         image = cluster_montage(self.source, assignment, (self.seed, epoch))
         montage.write_images(self.writer, "clusters", [image], epoch,
                              f"{CLUSTERS_SHOWN} random clusters of epoch {epoch}")

@@ -15,8 +15,9 @@ import tensorflow as tf
 from absl import logging
 
 from dc_core import fileio
-from dc_tf import clusters, models
+from dc_tf import models
 from dc_tf.config import ConfigError, TrainConfig
+from dc_tf.run_dir import RunDir
 from dc_tf.visualization import activations, ascent, cluster_montage, montage, projector, trained
 
 COMMANDS = ("filters", "top_images", "clusters", "projector")
@@ -156,7 +157,7 @@ def top_images(cfg: VisualizeConfig, run_cfg: TrainConfig, writer) -> list:
 def _assignment(cfg: VisualizeConfig, run_cfg: TrainConfig) -> tuple:
     """(int32 [N] assignment of --epoch, its epoch number)."""
     try:
-        assignment = clusters.load_assignment(cfg.model, cfg.epoch)
+        assignment = RunDir(cfg.model).load_assignment(cfg.epoch)
     except FileNotFoundError as e:
         raise ConfigError(str(e)) from None
     return assignment, run_cfg.epochs if cfg.epoch == "final" else int(cfg.epoch)

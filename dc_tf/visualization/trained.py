@@ -10,9 +10,9 @@ import tensorflow as tf
 from absl import logging
 
 from dc_core import transforms
-from dc_tf import config, data, models
+from dc_tf import config, data, methods
 from dc_tf.checkpoint import RunCheckpoint
-from dc_tf.model import build_run_model
+from dc_tf.run_dir import RunDir
 from dc_tf.visualization import montage
 
 LOG_EVERY_S = 30.0
@@ -35,7 +35,7 @@ class Progress:
 
 def load_config(model_dir: str) -> config.TrainConfig:
     """The resolved TrainConfig of the run in model_dir (its config.json)."""
-    path = os.path.join(model_dir, "config.json")
+    path = RunDir(model_dir).config
     if not os.path.exists(path):
         raise config.ConfigError(f"--model={model_dir}: no config.json there; pass the "
                                  "--model_dir of a dc_tf.train run")
@@ -51,9 +51,10 @@ def restore_backbone(cfg: config.TrainConfig) -> tuple:
     """(backbone keras.Model, epochs done): the run's network with its latest checkpoint's
     weights, or with the seeded initial weights of an --epochs=0 run (which has none)."""
     keras.utils.set_random_seed(cfg.seed)  # as dc_tf.train builds it
-    backbone = models.backbone_of(cfg)
-    model = build_run_model(cfg, backbone)
-    epochs = RunCheckpoint(model, os.path.join(cfg.model_dir, "checkpoints")).restore()
+    method = methods.for_config(cfg)
+    backbone = method.backbone()
+    model = method.build_model(backbone)
+    epochs = RunCheckpoint(model, RunDir(cfg.model_dir).checkpoints).restore()
     if epochs == 0 and cfg.epochs > 0:
         raise config.ConfigError(f"--model={cfg.model_dir}: no checkpoint in its checkpoints/ "
                                  "yet; wait for the run's first epoch to finish")

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
-from dc_tf import config, run_dir, train
+from dc_tf import config, resume, train
 
 
 def _epochs(model_dir):
@@ -48,7 +48,7 @@ def test_sigterm_saves_a_checkpoint_and_the_next_run_continues(tmp_path, flagfil
 
 def test_a_second_run_on_the_same_model_dir_is_refused(smoke_config):
     cfg = smoke_config()
-    with run_dir.RunLock(cfg.model_dir):
+    with resume.RunLock(cfg.model_dir):
         result = subprocess.run(
             [sys.executable, "-m", "dc_tf.train", "--flagfile=flags/smoke.cfg",
              f"--model_dir={cfg.model_dir}"], cwd=ROOT, capture_output=True, text=True)
