@@ -14,30 +14,9 @@ import sys
 import numpy as np
 from absl import app, flags
 
+from dc_core.clustering import cluster_table
 from dc_core.fileio import from_printable
 from dc_tf.run_dir import RunDir
-
-
-def cluster_table(assignment: np.ndarray, labels: np.ndarray) -> list:
-    """One dict per non-empty cluster: id, size, and with labels the majority label and purity
-    (the majority label's share of the cluster's labelled members). Largest clusters first."""
-    valid = assignment >= 0
-    k = int(assignment.max()) + 1
-    sizes = np.bincount(assignment[valid], minlength=k)
-    labelled = valid & (labels >= 0)
-    contingency = None
-    if labelled.any():
-        num_labels = int(labels.max()) + 1
-        contingency = np.bincount(assignment[labelled] * num_labels + labels[labelled],
-                                  minlength=k * num_labels).reshape(k, num_labels)
-    rows = []
-    for c in np.flatnonzero(sizes):
-        row = {"cluster": int(c), "size": int(sizes[c])}
-        if contingency is not None and contingency[c].sum():
-            row.update(majority_label=int(contingency[c].argmax()),
-                       purity=contingency[c].max() / contingency[c].sum())
-        rows.append(row)
-    return sorted(rows, key=lambda r: -r["size"])
 
 
 def size_histogram(sizes: np.ndarray) -> list:

@@ -28,15 +28,16 @@ from dc_tf.recluster import Clusterer, FixedLabelsCallback, ReclusterCallback
 
 
 class Method:
-    """What the methods share: the configuration completed with the data, and its checks.
+    """What the methods share: the configuration completed with the data, its checks, the
+    backbone, the restored model and an epoch of training data. A method adds `build_model`,
+    `stream` (its training stream), `labeller`, `exported` and `training_line`.
 
     Attributes:
-      title: the method in words, for the console and the report.
+      cfg: the configuration (with the data's fields once `resolve` has run).
       clusters: whether its labeller clusters (a final clustering, a montage every epoch).
       assign_endpoint: the exported endpoint that the export's `assign` signature reads.
     """
 
-    title = ""
     clusters = True
 
     def __init__(self, cfg: config.TrainConfig):
@@ -59,6 +60,16 @@ class Method:
         """What depends on the opened data and the built network."""
         config.check_against_data(
             self.cfg, backbone.output[models.cluster_endpoint(self.cfg.arch)].shape[-1])
+
+    def training_data(self, source: Source, model: keras.Model, workers: Workers):
+        """An epoch of the method's `stream`, one pipeline per worker: each feeds its replicas
+        batches of their share of cfg.batch_size, and takes its share of the epoch's steps."""
+        cfg, steps = self.cfg, self.steps_per_epoch
+
+        def make(batch_size: int, shard: tuple = (1, 0)) -> tf.data.Dataset:
+            batches = steps * cfg.batch_size // (batch_size * shard[0])
+            return self.stream(source, model, batch_size, batches, shard)
+        return workers.datasets(make, cfg.batch_size)
 
     def restored_model(self, backbone: keras.Model, workers: Workers,
                        resume_from: Optional[str]) -> tuple:
@@ -86,8 +97,6 @@ class DeepCluster(Method):
     """DeepCluster (v1): the backbone's cluster endpoint is clustered; the export's `assign`
     reads the same endpoint."""
 
-    title = "DeepCluster"
-
     def check(self, backbone: keras.Model) -> None:
         super().check(backbone)
         cfg = self.cfg
@@ -113,18 +122,13 @@ class DeepCluster(Method):
                       jit_compile=cfg.jit_compile)
         return model
 
-    def training_data(self, source: Source, model: keras.Model, workers: Workers):
-        """The class-balanced stream of an epoch, one pipeline per worker."""
-        cfg, steps = self.cfg, self.steps_per_epoch
-
-        def make(batch_size: int, shard: tuple = (1, 0)) -> tf.data.Dataset:
-            # One pipeline feeds batch_size-image batches to each of its replicas: an epoch
-            # takes its share of steps * cfg.batch_size images from it.
-            batches = steps * cfg.batch_size // (batch_size * shard[0])
-            return pipelines.training_dataset(
-                source, model.pseudo_labels, model.accept, model.epoch, cfg.image_size,
-                cfg.crop_scale, cfg.crop_ratio, batch_size, batches, cfg.seed, shard=shard)
-        return workers.datasets(make, cfg.batch_size)
+    def stream(self, source: Source, model: keras.Model, batch_size: int, batches: int,
+               shard: tuple) -> tf.data.Dataset:
+        """The class-balanced stream of `batches` batches (`pipelines.training_dataset`)."""
+        cfg = self.cfg
+        return pipelines.training_dataset(
+            source, model.pseudo_labels, model.accept, model.epoch, cfg.image_size,
+            cfg.crop_scale, cfg.crop_ratio, batch_size, batches, cfg.seed, shard=shard)
 
     def labeller(self, source: Source, model: keras.Model, workers: Workers, epochs_done: int):
         """The ReclusterCallback: feature pass through the BN-folded backbone, then k-means;
@@ -164,7 +168,6 @@ class Supervised(DeepCluster):
     """The baseline: DeepCluster's model and balanced sampler on the ground-truth labels, with
     one top layer for the whole run; no clustering."""
 
-    title = "supervised baseline"
     clusters = False
 
     def resolve(self, source: Source) -> config.TrainConfig:
@@ -183,8 +186,6 @@ class Supervised(DeepCluster):
 class DeepClusterV2(Method):
     """DeepCluster-v2: the embedding (projection head's output) is clustered; the export adds
     the projection head and `assign` reads `embedding`."""
-
-    title = "DeepCluster-v2"
 
     def __init__(self, cfg: config.TrainConfig):
         super().__init__(cfg)
@@ -216,17 +217,14 @@ class DeepClusterV2(Method):
             jit_compile=cfg.jit_compile)
         return model
 
-    def training_data(self, source: Source, model: keras.Model, workers: Workers):
+    def stream(self, source: Source, model: keras.Model, batch_size: int, batches: int,
+               shard: tuple) -> tf.data.Dataset:
         """The multi-crop stream: every image once an epoch, in global and local crops."""
-        cfg, steps = self.cfg, self.steps_per_epoch
-
-        def make(batch_size: int, shard: tuple = (1, 0)) -> tf.data.Dataset:
-            batches = steps * cfg.batch_size // (batch_size * shard[0])
-            return pipelines.multicrop_dataset(
-                source, model.epoch, cfg.image_size, cfg.global_crops, cfg.global_crop_scale,
-                cfg.local_crops, cfg.local_crop_size, cfg.local_crop_scale, cfg.crop_ratio,
-                batch_size, batches, cfg.seed, cfg.color_jitter, cfg.blur, shard=shard)
-        return workers.datasets(make, cfg.batch_size)
+        cfg = self.cfg
+        return pipelines.multicrop_dataset(
+            source, model.epoch, cfg.image_size, cfg.global_crops, cfg.global_crop_scale,
+            cfg.local_crops, cfg.local_crop_size, cfg.local_crop_scale, cfg.crop_ratio,
+            batch_size, batches, cfg.seed, cfg.color_jitter, cfg.blur, shard=shard)
 
     def labeller(self, source: Source, model: keras.Model, workers: Workers, epochs_done: int):
         """The PrototypeCallback: spherical k-means of the memory bank at every epoch start;

@@ -28,8 +28,8 @@ import numpy as np  # noqa: E402
 from absl import app, logging  # noqa: E402
 
 from dc_core import fileio  # noqa: E402
+from dc_core.clustering import cluster_table  # noqa: E402
 from dc_core.pages import Image, html_page, panels, plot, png_bytes  # noqa: E402
-from dc_tf.clusters import cluster_table  # noqa: E402
 from dc_tf.console import figure  # noqa: E402
 from dc_tf.run_dir import RunDir  # noqa: E402
 

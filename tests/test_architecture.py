@@ -72,6 +72,21 @@ def test_pipelines_use_only_the_training_entry_points_and_the_run_folder():
     assert not any(offending.values()), offending
 
 
+# The programs built on a run and its export, which training never needs.
+PROGRAMS = {"dc_tf.assign", "dc_tf.clusters", "dc_tf.visualize", "dc_tf.visualization.commands"}
+
+
+def test_training_does_not_reach_the_programs_built_on_it():
+    reached, todo = set(), ["dc_tf.train"]
+    while todo:
+        module = todo.pop()
+        if module not in reached:
+            reached.add(module)
+            todo += GRAPH[module]
+    assert "dc_tf.methods" in reached and "dc_tf.run_dir" in reached
+    assert not reached & PROGRAMS, sorted(reached & PROGRAMS)
+
+
 def test_no_import_cycle():
     cycles, state = [], {}
 

@@ -8,13 +8,14 @@ from dc_core.clustering.kmeans import KMeansResult, kmeans, kmeans_reference, sp
 from dc_core.clustering.pca import PCAWhitening, fit_pca_whitening, l2_normalize
 from dc_core.clustering.pic import pic
 from dc_core.clustering.spherical import SphericalKMeansResult, spherical_kmeans
-from dc_core.clustering.stats import acceptance_probabilities, cluster_sizes, nmi
+from dc_core.clustering.stats import acceptance_probabilities, cluster_sizes, cluster_table, nmi
 
 __all__ = [
     "KMeansResult",
     "PCAWhitening",
     "acceptance_probabilities",
     "cluster_sizes",
+    "cluster_table",
     "fit_pca_whitening",
     "kmeans",
     "kmeans_reference",

@@ -12,8 +12,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from dc_core.clustering import cluster_table
 from dc_tf import data
-from dc_tf.clusters import cluster_table
 from dc_tf.run_dir import RunDir
 from dc_tf.visualization import montage
 from dc_tf.visualization.trained import load_views
@@ -51,7 +51,7 @@ def pick_clusters(assignment: np.ndarray, num_clusters: int, per_cluster: int, s
 
 
 def caption_text(row: dict, class_names=None) -> str:
-    """'cluster 7: 523 images, majority label 3, purity 0.87' from a clusters.cluster_table row;
+    """'cluster 7: 523 images, majority label 3, purity 0.87' from a clustering.cluster_table row;
     with class_names, the label's name ('majority Sneaker')."""
     text = f"cluster {row['cluster']}: {row['size']} images"
     if "purity" in row:
