@@ -133,14 +133,21 @@ def _folder(root: str) -> Source:
     return source
 
 
-def _tfds(dataset: str, name: str, split: str, data_dir: str, max_examples: int) -> Source:
+def prepared_tfds_builder(name: str, data_dir: str):
+    """TFDS's builder of dataset `name` in data_dir ("" = TFDS's default) when the dataset is
+    prepared there, else None."""
     import tensorflow_datasets as tfds
     try:
         builder = tfds.builder(name, data_dir=data_dir or None)
-        prepared = builder.is_prepared()
     except tfds.core.registered.DatasetNotFoundError:
-        prepared = False
-    if not prepared:
+        return None
+    return builder if builder.is_prepared() else None
+
+
+def _tfds(dataset: str, name: str, split: str, data_dir: str, max_examples: int) -> Source:
+    import tensorflow_datasets as tfds
+    builder = prepared_tfds_builder(name, data_dir)
+    if builder is None:
         raise DatasetNotFoundError(
             f"--dataset={dataset}: TFDS dataset {name!r} is not prepared in "
             f"--data_dir={data_dir or '(TFDS default)'}. Prepare it once on a machine that has "

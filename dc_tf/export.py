@@ -16,6 +16,21 @@ signatures are differentiable with respect to them (batch normalisation in infer
 It loads with `tf.saved_model.load` in a process that has never imported dc_tf, and it contains
 no numpy_function.
 
+The export says what it is in `assets/dc_tf_export.json` (INFO_FILE; `tf.saved_model.load`
+ignores it, copying the folder keeps it), plain JSON that dc_core.export_info reads for the
+evaluations:
+
+    format "dc_tf_export", format_version (INFO_VERSION; a reader refuses a newer one),
+    method ("deepcluster", "deepcluster_v2", "supervised"; null when the caller did not say),
+    arch (null for a network that is not a dc_tf architecture), image_size, channels, min_size
+    (the smallest height and width conv_features accepts), input_dtype "uint8", input_range
+    [0, 255], normalization ({"mean", "std"} on the [0, 1] scale, applied inside as
+    (x / 255 - mean) / std; null if the network does not normalise), sobel,
+    endpoints ({name: shape without the batch axis} of serving_default, sorted by name),
+    conv_endpoints (the names conv_features returns, at any size), signatures (sorted names),
+    embedding and assign (whether there is an `embedding` endpoint and an `assign` signature),
+    cluster_endpoint and num_clusters (of `assign`; null without it).
+
     m = tf.saved_model.load("MODEL_DIR/export")
     feats = m.signatures["serving_default"](images=tf.constant(uint8_images))
     feats["fc7"], feats["conv5"], ...
@@ -26,6 +41,7 @@ no numpy_function.
     grads = tape.gradient(loss, list(m.backbone_trainable_variables))
 """
 
+import json
 import os
 import shutil
 from typing import Optional
@@ -33,7 +49,11 @@ from typing import Optional
 import keras
 import tensorflow as tf
 
+from dc_core.export_info import INFO_FILE, INFO_VERSION
+from dc_core.fileio import atomic_write
 from dc_tf import failpoints
+from dc_tf.config import ARCHS
+from dc_tf.models.layers import NormalizePixels, Sobel
 from dc_tf.recluster import FinalClustering
 
 
@@ -103,9 +123,44 @@ def _float32(outputs: dict) -> dict:
     return {name: tf.cast(value, tf.float32, name=name) for name, value in outputs.items()}
 
 
+def _arch_of(backbone: keras.Model) -> Optional[str]:
+    """The dc_tf architecture a backbone was built as: models.build_backbone names the model
+    after it, DeepCluster-v2's export network adds "_v2"."""
+    for name in (backbone.name, backbone.name.removesuffix("_v2")):
+        if name in ARCHS:
+            return name
+    return None
+
+
+def export_info(module: _FeatureModule, backbone: keras.Model, signatures: dict,
+                method: Optional[str], arch: Optional[str]) -> dict:
+    """The content of INFO_FILE (see the module docstring) for an export about to be saved."""
+    def shapes(function) -> dict:
+        outputs = function.get_concrete_function().structured_outputs
+        return {name: [None if d is None else int(d) for d in out.shape[1:]]
+                for name, out in sorted(outputs.items())}
+
+    normalize = [layer for layer in backbone.layers if isinstance(layer, NormalizePixels)]
+    endpoints = shapes(module.serve)
+    final = "assign" in signatures
+    return {
+        "format": "dc_tf_export", "format_version": INFO_VERSION, "method": method,
+        "arch": arch or _arch_of(backbone), "image_size": module.size,
+        "channels": module.channels, "min_size": module.min_size, "input_dtype": "uint8",
+        "input_range": [0, 255],
+        "normalization": ({"mean": list(normalize[0].mean), "std": list(normalize[0].std)}
+                          if normalize else None),
+        "sobel": any(isinstance(layer, Sobel) for layer in backbone.layers),
+        "endpoints": endpoints, "conv_endpoints": sorted(shapes(module.conv_features)),
+        "signatures": sorted(signatures), "embedding": "embedding" in endpoints,
+        "assign": final, "cluster_endpoint": module.cluster_endpoint if final else None,
+        "num_clusters": int(module.centroids.shape[0]) if final else None}
+
+
 def export_saved_model(backbone: keras.Model, path: str, image_size: int, channels: int,
                        min_size: int, cluster_endpoint: Optional[str] = None,
-                       final: Optional[FinalClustering] = None) -> str:
+                       final: Optional[FinalClustering] = None, *,
+                       method: Optional[str] = None, arch: Optional[str] = None) -> str:
     """Writes the SavedModel to `path`, replacing any earlier export only once complete.
 
     Args:
@@ -115,14 +170,19 @@ def export_saved_model(backbone: keras.Model, path: str, image_size: int, channe
       min_size: the smallest height and width `conv_features` accepts (the architecture's).
       cluster_endpoint: the endpoint that was clustered (with `final`).
       final: the final clustering; adds the `assign` signature.
+      method: what trained the network ("deepcluster", "deepcluster_v2", "supervised"), for
+        INFO_FILE (None: recorded as null).
+      arch: the architecture, for INFO_FILE (None: read from the backbone's name).
     """
     module = _FeatureModule(backbone, image_size, channels, min_size, cluster_endpoint, final)
     signatures = {"serving_default": module.serve, "conv_features": module.conv_features}
     if final is not None:
         signatures["assign"] = module.assign
+    info = export_info(module, backbone, signatures, method, arch)
     tmp = path.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tf.saved_model.save(module, tmp, signatures=signatures)
+    atomic_write(os.path.join(tmp, INFO_FILE), json.dumps(info, indent=1) + "\n")
     failpoints.reach("export.written")
     shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)

@@ -137,7 +137,9 @@ def _export(method: methods.Method, model: keras.Model, final: Optional[FinalClu
         return
     cfg, network = method.cfg, method.exported(model)
     path = export_saved_model(network, workers.run.export, cfg.image_size, cfg.channels,
-                              models.min_image_size(cfg.arch), method.assign_endpoint, final)
+                              models.min_image_size(cfg.arch), method.assign_endpoint, final,
+                              method="supervised" if cfg.supervised else cfg.method,
+                              arch=cfg.arch)
     logging.info("exported %s to %s", ", ".join(sorted(network.output)), path)
     report.write_run_report(workers.run.path, source)
 

@@ -1,6 +1,7 @@
 """The detector of eval.voc_detection: KerasHub's RetinaNet on a dc_tf export's conv features.
 
-    plan = pyramid_plan(ExportedBackbone(path).shapes)   # which endpoints feed P3, P4, P5
+    backbone = ExportedBackbone(path)
+    plan = pyramid_plan(backbone.shapes, backbone.architecture("the pyramid"))  # P3-P5 sources
     detector, backbone_variables = build_detector(
         tf.saved_model.load(path), plan, channels=3, num_classes=20, frozen=False,
         head_convs=4, head_norm=True, score_threshold=0.05, nms_iou=0.5, max_detections=100)
@@ -34,13 +35,14 @@ heads are re-initialised as the RetinaNet paper says (see `build_detector`).
 
 import dataclasses
 import math
+from typing import Optional
 
 import keras
 import tensorflow as tf
 from keras_hub.models import (FeaturePyramidBackbone, RetinaNetBackbone,
                               RetinaNetObjectDetector)
 
-from dc_core.errors import ConfigError
+from eval.features import guess_arch, unknown_arch
 
 LEVELS = (3, 4, 5)  # fed by the backbone; the FPN adds 6 and 7
 MAX_LEVEL = 7
@@ -55,27 +57,26 @@ class PyramidPlan:
     sources: tuple
 
 
-# The architecture is recognised from the last conv endpoint's name and channels.
+# Per architecture: the sources of P3, P4 and P5.
 _PLANS = {
-    ("conv5", 256): ("alexnet", (("conv2", ()), ("conv5", ()), ("conv5", ((3, 2),)))),
-    ("conv5", 512): ("vgg16", (("conv4", ()), ("conv5", ()), ("conv5", ((2, 2),)))),
-    ("conv5", 2048): ("resnet50", (("conv3", ()), ("conv4", ()), ("conv5", ()))),
-    ("conv3", 128): ("small_vgg", (("conv3", ((2, 2),)), ("conv3", ((2, 2),) * 2),
-                                   ("conv3", ((2, 2),) * 3))),
+    "alexnet": (("conv2", ()), ("conv5", ()), ("conv5", ((3, 2),))),
+    "vgg16": (("conv4", ()), ("conv5", ()), ("conv5", ((2, 2),))),
+    "resnet50": (("conv3", ()), ("conv4", ()), ("conv5", ())),
+    "small_vgg": (("conv3", ((2, 2),)), ("conv3", ((2, 2),) * 2), ("conv3", ((2, 2),) * 3)),
 }
 
 
-def pyramid_plan(shapes: dict) -> PyramidPlan:
-    """The pyramid of an export from its endpoint shapes ({name: shape without batch})."""
-    convs = sorted(name for name, shape in shapes.items()
-                   if name.startswith("conv") and len(shape) == 3)
-    key = (convs[-1], shapes[convs[-1]][-1]) if convs else None
-    if key not in _PLANS:
-        raise ConfigError(f"--model: cannot tell which endpoints feed the detector from an "
-                          f"export with endpoints "
-                          f"{', '.join(f'{n} {list(s)}' for n, s in shapes.items())}; known: "
-                          "AlexNet, VGG16, ResNet-50 and small_vgg exports of dc_tf")
-    return PyramidPlan(*_PLANS[key])
+def pyramid_plan(shapes: dict, arch: Optional[str] = None) -> PyramidPlan:
+    """The pyramid of an export with endpoint shapes `shapes` ({name: shape without batch}) and
+    architecture `arch` (ExportedBackbone.architecture; None: the one the shapes look like)."""
+    arch = arch or guess_arch(shapes)
+    what = "which endpoints feed the detector from"
+    if arch not in _PLANS:
+        raise unknown_arch(what, shapes, arch)
+    needs = tuple(name for name, _ in _PLANS[arch])
+    if not set(needs) <= set(shapes):
+        raise unknown_arch(what, shapes, arch, needs)
+    return PyramidPlan(arch, _PLANS[arch])
 
 
 class ExportedPyramid(keras.layers.Layer):

@@ -1,9 +1,9 @@
 """Reading a dc_tf export for evaluation: pooled, flattened endpoint features of whole datasets.
 
-`ExportedBackbone` wraps the SavedModel alone (no dc_tf model code); `pool_spec` chooses the
-average pool that brings a conv endpoint to about 9k values (docs/protocols.md §3);
-`extract_features` sends a dataset through it once, keeping features in memory or in
-np.memmap files.
+`ExportedBackbone` wraps the SavedModel alone (no dc_tf model code) and what the export says
+about itself (`read_export_info`); `pool_spec` chooses the average pool that brings a conv
+endpoint to about 9k values (docs/protocols.md §3); `extract_features` sends a dataset through
+it once, keeping features in memory or in np.memmap files.
 """
 
 import dataclasses
@@ -18,6 +18,7 @@ from absl import logging
 
 from dc_core import transforms
 from dc_core.errors import ConfigError
+from dc_core.export_info import INFO_FILE, REEXPORT, read_export_info
 
 TARGET_DIM = 9216
 _LOG_EVERY_S = 30.0
@@ -50,11 +51,45 @@ def pool_spec(height: int, width: int, channels: int, target_dim: int = TARGET_D
 
 # ------------------------------------------------------------------------------ the export
 
+# dc_tf's architectures by the name and channels of their last conv endpoint: how an export
+# without INFO_FILE (another library's, or one of a dc_tf older than that file) is recognised.
+_ARCH_SIGNS = {("conv5", 256): "alexnet", ("conv5", 512): "vgg16", ("conv5", 2048): "resnet50",
+               ("conv3", 128): "small_vgg"}
+KNOWN_ARCHS = "AlexNet, VGG16, ResNet-50 and small_vgg exports of dc_tf"
+
+
+def guess_arch(shapes: dict) -> Optional[str]:
+    """The dc_tf architecture whose endpoints `shapes` ({name: shape without batch}) look like,
+    by the last conv endpoint's name and channels; None if none does."""
+    convs = sorted(name for name, shape in shapes.items()
+                   if name.startswith("conv") and len(shape) == 3)
+    return _ARCH_SIGNS.get((convs[-1], shapes[convs[-1]][-1])) if convs else None
+
+
+def unknown_arch(what: str, shapes: dict, arch: Optional[str], needs: tuple = ()) -> ConfigError:
+    """The error of an evaluation that needs the architecture (`what` it cannot tell): it does
+    not know `arch` (None: neither INFO_FILE nor the endpoint shapes told one), or the export
+    lacks endpoints `needs` that its rule for `arch` reads."""
+    endpoints = ", ".join(f"{n} {list(s)}" for n, s in shapes.items())
+    missing = sorted({name for name in needs if name not in shapes})
+    if arch and missing:
+        return ConfigError(f"--model: cannot tell {what} this {arch} export: it lacks "
+                           f"{', '.join(missing)} of that architecture; its endpoints are "
+                           f"{endpoints}")
+    if arch:
+        return ConfigError(f"--model: cannot tell {what} a {arch} export; known: {KNOWN_ARCHS}")
+    return ConfigError(f"--model: cannot tell {what} an export with endpoints {endpoints}; known:"
+                       f" {KNOWN_ARCHS}. A dc_tf export names its architecture in {INFO_FILE}: "
+                       f"{REEXPORT}")
+
+
 class ExportedBackbone:
     """A frozen SavedModel: uint8 [B, S, S, C] images in, flat float32 features out.
 
     Attributes: path; image_size S and channels C of its input; shapes, endpoint -> shape
-    without the batch axis (sorted by name); pools, conv endpoint -> (kernel, pad).
+    without the batch axis (sorted by name); pools, conv endpoint -> (kernel, pad); info, the
+    export's INFO_FILE (None without one: any SavedModel with the signatures is evaluated);
+    arch, the architecture it names (None if it names none).
     """
 
     def __init__(self, path: str):
@@ -71,7 +106,21 @@ class ExportedBackbone:
                        for name, s in sorted(self._serve.structured_outputs.items())}
         self.pools = {name: pool_spec(*shape) for name, shape in self.shapes.items()
                       if len(shape) == 3}
+        self.info = read_export_info(path)
+        self.arch = (self.info or {}).get("arch")
         self._extractors = {}
+
+    def architecture(self, what: str) -> Optional[str]:
+        """The architecture for an evaluation that needs it to tell `what`: INFO_FILE's; else
+        the dc_tf architecture the endpoint shapes look like, with a warning; else None."""
+        if self.arch:
+            return self.arch
+        guess = guess_arch(self.shapes)
+        if guess:
+            logging.warning("%s names no architecture (%s %s): %s follows its endpoint shapes, "
+                            "those of a dc_tf %s; %s", self.path, INFO_FILE,
+                            "lacks arch" if self.info else "is missing", what, guess, REEXPORT)
+        return guess
 
     def require(self, layers, flag: str) -> None:
         """Fails, listing the endpoints there are, unless every layer is one of them."""

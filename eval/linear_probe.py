@@ -36,23 +36,21 @@ a sub-folder per model), and prints a markdown table.
 """
 
 import dataclasses
-import json
 import math
 import os
 import re
-import sys
 import tempfile
 import time
 
 import faiss
 import numpy as np
 import tensorflow as tf
-from absl import app, flags, logging
+from absl import flags, logging
 
 from dc_core import transforms
 from dc_core.clustering import kmeans, l2_normalize
 from dc_core.datasets import open_source
-from dc_core.errors import ConfigError, DatasetNotFoundError
+from dc_core.errors import ConfigError
 from eval import cli, metrics
 from eval.features import (ExportedBackbone, FeatureStore, Progress, SplitFeatures,
                            extract_features, view_dataset)
@@ -91,7 +89,6 @@ class ProbeConfig:
 _HELP = {
     "models": "MODEL_DIR/export of a dc_tf.train run; repeat to compare several models.",
     "names": "Table label of each --model, in order (default: the paths).",
-    "output": "The JSON file to write.",
     "dataset": "Training split: fashion_mnist[:SPLIT], tfds:NAME[:SPLIT] or folder:PATH with "
                "one sub-folder per class.",
     "test_dataset": "Test split, same syntax ('' = derived, see the module docstring).",
@@ -114,7 +111,6 @@ _HELP = {
     "seed": "Seed of probe initialisation, example order, crops and k-means.",
     "cache_dir": "Folder for the memmapped features beyond the budget.",
     "cache_budget_gb": "Features kept in memory, GiB; the rest is memmapped.",
-    "logdir": "TensorBoard folder (default: OUTPUT_logs beside --output).",
 }
 
 
@@ -125,9 +121,7 @@ def validate(cfg: ProbeConfig) -> ProbeConfig:
     if cfg.names and len(cfg.names) != len(cfg.models):
         raise ConfigError(f"{len(cfg.names)} --name values for {len(cfg.models)} --model values; "
                           "give one --name per --model or none")
-    for flag in ("epochs", "batch_size", "learning_rate", "knn_k", "knn_temperature"):
-        if getattr(cfg, flag) <= 0:
-            raise ConfigError(f"--{flag}={getattr(cfg, flag)} must be positive")
+    cli.check_each(cfg, ("epochs", "batch_size", "learning_rate", "knn_k", "knn_temperature"))
     test_dataset = cfg.test_dataset
     kind, _, rest = cfg.dataset.partition(":")
     if not test_dataset and kind == "fashion_mnist":
@@ -138,7 +132,7 @@ def validate(cfg: ProbeConfig) -> ProbeConfig:
         raise ConfigError(f"--dataset={cfg.dataset} has no default test split; pass "
                           "--test_dataset (e.g. folder:PATH/val)")
     return dataclasses.replace(cfg, test_dataset=test_dataset, names=cfg.names or cfg.models,
-                               logdir=cfg.logdir or os.path.splitext(cfg.output)[0] + "_logs")
+                               logdir=cli.default_logdir(cfg))
 
 
 # ------------------------------------------------------------------------------ the probes
@@ -387,7 +381,7 @@ def _open_labelled(dataset: str, data_dir: str, max_examples: int, flag: str):
 def run(cfg: ProbeConfig) -> dict:
     """Evaluates every model of `cfg`, rewriting the JSON after each; returns the report."""
     cfg = validate(cfg)
-    logging.info("configuration: %s", json.dumps(dataclasses.asdict(cfg)))
+    cli.log_config(cfg)
     # Whatever is wrong with the flags fails here, before any feature is computed.
     train_source = _open_labelled(cfg.dataset, cfg.data_dir, cfg.max_examples, "dataset")
     test_source = _open_labelled(cfg.test_dataset, cfg.data_dir, cfg.max_test_examples,
@@ -403,9 +397,7 @@ def run(cfg: ProbeConfig) -> dict:
     for name, backbone in zip(cfg.names, backbones):
         logging.info("evaluating %s (%s)", name, backbone.path)
         report["models"].append(evaluate_model(backbone, name, train_source, test_source, cfg))
-        with open(cfg.output + ".tmp", "w") as f:
-            json.dump(report, f, indent=1)
-        os.replace(cfg.output + ".tmp", cfg.output)
+        cli.write_report(cfg.output, report)
     return report
 
 
@@ -440,25 +432,14 @@ def _define_flags() -> None:
     flags.mark_flags_as_required(["model", "output"])
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+def _config_from_flags() -> ProbeConfig:
     f = flags.FLAGS
-    values = {field.name: f[field.name].value for field in dataclasses.fields(ProbeConfig)
-              if field.name not in ("models", "names", "layers")}
-    cfg = ProbeConfig(models=tuple(f.model), names=tuple(f.name or ()), layers=tuple(f.layers),
-                      **values)
-    try:
-        report = run(cfg)
-    except (ConfigError, DatasetNotFoundError) as e:
-        logging.error("%s", e)
-        sys.exit(f"error: {e}")
-    print(markdown_table(report))
+    return ProbeConfig(models=tuple(f.model), names=tuple(f.name or ()), layers=tuple(f.layers),
+                       **cli.flag_values(ProbeConfig, skip=("models", "names", "layers")))
 
 
 def entry_point():
-    _define_flags()
-    app.run(main)
+    cli.run_program(_define_flags, _config_from_flags, run, markdown_table)
 
 
 if __name__ == "__main__":

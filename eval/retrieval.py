@@ -28,18 +28,16 @@ ground truth (as deepcluster's corrupt Paris images) and listed in the JSON.
 
 import dataclasses
 import glob
-import json
 import math
 import os
 import pickle
 import re
-import sys
 import time
 
 import faiss
 import numpy as np
 import tensorflow as tf
-from absl import app, flags, logging
+from absl import flags, logging
 
 from dc_core.errors import ConfigError
 from eval import cli, metrics, rmac
@@ -76,10 +74,8 @@ class RetrievalConfig:
 
 
 _HELP = {
-    "model": "MODEL_DIR/export of a dc_tf.train run.",
     "dataset": f"One of {', '.join(DATASETS)}.",
     "data_dir": "Folder holding one sub-folder per dataset (see the module docstring).",
-    "output": "The JSON file to write.",
     "name": "Table label of the model (default: --model).",
     "layer": "Conv endpoint to pool (default: the export's last one).",
     "pooling": f"Descriptor: {', '.join(rmac.POOLINGS)}.",
@@ -93,22 +89,16 @@ _HELP = {
     "whiten_dim": "Whitened dimensions kept (0 = all).",
     "distractors": "Folder of distractor images added to the database (e.g. R1M).",
     "save_ranks": "Also write OUTPUT_ranks.npz and a montage OUTPUT_ranks.png.",
-    "logdir": "TensorBoard folder (default: OUTPUT_logs beside --output).",
 }
 
 
 def validate(cfg: RetrievalConfig) -> RetrievalConfig:
     """Checks the flag values that need no data; resolves name, whiten_on and logdir."""
-    if not (cfg.model and cfg.data_dir and cfg.output):
-        raise ConfigError("give --model=MODEL_DIR/export, --data_dir=PATH and --output=FILE.json")
-    for flag, value, allowed in (("dataset", cfg.dataset, DATASETS),
-                                 ("pooling", cfg.pooling, rmac.POOLINGS),
-                                 ("whiten_on", cfg.whiten_on, ("auto", "none") + DATASETS)):
-        if value not in allowed:
-            raise ConfigError(f"--{flag}={value} is unknown; choose one of {', '.join(allowed)}")
-    for flag in ("levels", "gem_p", "max_size"):
-        if getattr(cfg, flag) <= 0:
-            raise ConfigError(f"--{flag}={getattr(cfg, flag)} must be positive")
+    cli.require_given(cfg, model="MODEL_DIR/export", data_dir="PATH", output="FILE.json")
+    cli.choice("dataset", cfg.dataset, DATASETS)
+    cli.choice("pooling", cfg.pooling, rmac.POOLINGS)
+    cli.choice("whiten_on", cfg.whiten_on, ("auto", "none") + DATASETS)
+    cli.check_each(cfg, ("levels", "gem_p", "max_size"))
     if not cfg.scales or min(cfg.scales) <= 0:
         raise ConfigError(f"--scales={','.join(map(str, cfg.scales))} must be positive numbers")
     if cfg.whiten_dim < 0:
@@ -124,7 +114,7 @@ def validate(cfg: RetrievalConfig) -> RetrievalConfig:
         logging.warning("--whiten_on=%s learns the whitening on the evaluated dataset; the "
                         "protocol learns it on the other one", whiten_on)
     return dataclasses.replace(cfg, name=cfg.name or cfg.model, whiten_on=whiten_on,
-                               logdir=cfg.logdir or os.path.splitext(cfg.output)[0] + "_logs")
+                               logdir=cli.default_logdir(cfg))
 
 
 # ------------------------------------------------------------------------------ datasets
@@ -269,7 +259,7 @@ def _scores(ranks: np.ndarray, data: RetrievalSet) -> dict:
 def run(cfg: RetrievalConfig) -> dict:
     """Evaluates the export of `cfg` on its dataset and writes the JSON; returns the report."""
     cfg = validate(cfg)
-    logging.info("configuration: %s", json.dumps(dataclasses.asdict(cfg)))
+    cli.log_config(cfg)
     start = tick = time.time()
     timings = {}
 
@@ -328,9 +318,7 @@ def run(cfg: RetrievalConfig) -> dict:
     timings["total_s"] = time.time() - start
     report["timings"] = timings
     _write_scalars(cfg.logdir, scores, data.revisited)
-    with open(cfg.output + ".tmp", "w") as f:
-        json.dump(report, f, indent=1)
-    os.replace(cfg.output + ".tmp", cfg.output)
+    cli.write_report(cfg.output, report)
     return report
 
 
@@ -399,34 +387,24 @@ def markdown_table(report: dict) -> str:
 
 def _define_flags() -> None:
     """Defines one flag per RetrievalConfig field (here, so importing the module defines none)."""
-    cli.define_flags(RetrievalConfig, _HELP, skip=("scales",))
+    cli.define_flags(RetrievalConfig, _HELP, skip=("scales",),
+                     required=("model", "dataset", "data_dir", "output"))
     flags.adopt_module_key_flags(cli)  # listed by --help as this program's
     flags.DEFINE_list("scales", ["1"], _HELP["scales"])
-    flags.mark_flags_as_required(["model", "dataset", "data_dir", "output"])
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    f = flags.FLAGS
+def _config_from_flags() -> RetrievalConfig:
+    scales = flags.FLAGS.scales
     try:
-        try:
-            scales = tuple(float(s) for s in f.scales)
-        except ValueError as e:
-            raise ConfigError(f"--scales={','.join(f.scales)}: expected numbers such as "
-                              "1,0.7071,0.5") from e
-        values = {field.name: f[field.name].value for field in dataclasses.fields(RetrievalConfig)
-                  if field.name != "scales"}
-        report = run(RetrievalConfig(scales=scales, **values))
-    except ConfigError as e:
-        logging.error("%s", e)
-        sys.exit(f"error: {e}")
-    print(markdown_table(report))
+        values = tuple(float(s) for s in scales)
+    except ValueError as e:
+        raise ConfigError(f"--scales={','.join(scales)}: expected numbers such as "
+                          "1,0.7071,0.5") from e
+    return RetrievalConfig(scales=values, **cli.flag_values(RetrievalConfig, skip=("scales",)))
 
 
 def entry_point():
-    _define_flags()
-    app.run(main)
+    cli.run_program(_define_flags, _config_from_flags, run, markdown_table)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Retrieval descriptors of a dc_tf export: R-MAC, MAC and GeM over a conv endpoint (§6).
+"""Retrieval descriptors (docs/protocols.md §6): R-MAC, MAC and GeM over an export's conv endpoint.
 
 docs/protocols.md §6, after Tolias et al. (ICLR 2016) and deepcluster's eval_retrieval.py: the
 feature map of an image (VGG16 conv5_3 after ReLU, no final pool) is max-pooled over square

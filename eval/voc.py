@@ -5,6 +5,7 @@
     split.images[i].objects      # VOCObject(name, box, difficult, truncated), XML order
     split.labels()               # int8 [N, 20]: 1 present, 0 absent, -1 difficult only
     split.records(shuffle=True)  # tf.data of (index int64, encoded JPEG string)
+    voc.image_batches(split, 3, view, 16)  # (indices, uint8 views) of the decodable images
 
 The VOCdevkit layout (the folder given, or its VOC2007 / VOCdevkit/VOC2007 sub-folder):
 JPEGImages/ID.jpg, Annotations/ID.xml, ImageSets/Main/SPLIT.txt (one ID a line) and the
@@ -16,9 +17,13 @@ turned back into pixels from its normalised ones.
 
 Label of class c for an image (the official per-class files' semantics): 1 if some object of c
 is not difficult, -1 if all its objects of c are difficult (VOC's 0, "ignore"), 0 if none.
+
+Below the reader, what the VOC evaluations share: the image pipeline (`image_batches`,
+`per_image`) and per-class APs as JSON and as a markdown table (`ap_dict`, `ap_table`).
 """
 
 import dataclasses
+import math
 import os
 import xml.etree.ElementTree as ElementTree
 
@@ -26,7 +31,9 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from dc_core.datasets import prepared_tfds_builder
 from dc_core.errors import ConfigError
+from eval.features import Progress
 
 CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
            "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
@@ -34,6 +41,7 @@ CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat"
 PRESENT, ABSENT, DIFFICULT = 1, 0, -1
 _TFDS_SPLITS = {"trainval": "train+validation", "train": "train", "val": "validation",
                 "test": "test"}
+HELP = "The VOCdevkit/VOC2007 folder (or VOCdevkit, or its parent), or tfds:voc/2007."
 
 
 class VOCFormatError(ConfigError):
@@ -200,14 +208,9 @@ def _tfds_dataset(builder, split: str) -> tf.data.Dataset:
 
 def read_tfds(name: str, split: str, data_dir: str) -> VOCSplit:
     """Reads a prepared TFDS VOC split (`name` e.g. "voc/2007"); one pass over its records."""
-    import tensorflow_datasets as tfds
     tfds_split = _TFDS_SPLITS.get(split, split)
-    try:
-        builder = tfds.builder(name, data_dir=data_dir or None)
-        prepared = builder.is_prepared()
-    except tfds.core.registered.DatasetNotFoundError:
-        prepared = False
-    if not prepared:
+    builder = prepared_tfds_builder(name, data_dir)
+    if builder is None:
         raise ConfigError(f"--voc=tfds:{name}: not prepared in --data_dir="
                           f"{data_dir or '(TFDS default)'}; run `tfds build {name} "
                           "--data_dir=DIR` once, then pass --data_dir=DIR")
@@ -240,3 +243,44 @@ def decode(encoded: tf.Tensor, channels: int) -> tf.Tensor:
     image.set_shape([None, None, channels])
     return image
 
+
+
+# ------------------------------------------------------------------------------ the evaluations
+
+def image_batches(split: VOCSplit, channels: int, view, batch_size: int,
+                  shuffle: bool = False, seed: int = 0, repeat: bool = False) -> tf.data.Dataset:
+    """Batches of (int64 [B] image indices, uint8 [B, V, S, S, C] views); `view` maps a uint8
+    [H, W, C] image to float [V, S, S, C]. Undecodable images are dropped (callers count them)."""
+    def load(index, encoded):
+        views = view(decode(encoded, channels))
+        return index, tf.cast(tf.clip_by_value(tf.round(views), 0, 255), tf.uint8)
+    ds = split.records(shuffle, seed)
+    ds = (ds.repeat() if repeat else ds).map(load, num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.ignore_errors().batch(batch_size, drop_remainder=repeat).prefetch(tf.data.AUTOTUNE)
+
+
+def per_image(split: VOCSplit, batches, compute, what: str) -> np.ndarray:
+    """Rows of compute(uint8 views) placed by image index; NaN rows for undecodable images."""
+    out, progress = None, Progress(what, len(split.images))
+    for indices, images in batches:
+        rows = compute(images)
+        if out is None:
+            out = np.full((len(split.images), rows.shape[1]), np.nan, np.float32)
+        out[indices.numpy()] = rows
+        progress.update(len(indices))
+    if out is None:
+        raise ConfigError(f"--voc: no image of {split.name} could be decoded")
+    return out
+
+
+def ap_dict(aps) -> dict:
+    """{class: AP or None where undefined}, for JSON."""
+    return {name: None if math.isnan(ap) else float(ap) for name, ap in zip(CLASSES, aps)}
+
+
+def ap_table(title: str, ap: dict, mean_ap: float) -> str:
+    """Markdown: `title`, then a row per class of its AP % (`ap` as ap_dict gives it) and mAP."""
+    lines = [title, "", "| class | AP |", "|---|---|"]
+    lines += [f"| {name} | " + ("-" if value is None else f"{100 * value:.1f}") + " |"
+              for name, value in ap.items()]
+    return "\n".join(lines + [f"| **mAP** | **{100 * mean_ap:.1f}** |"])

@@ -30,26 +30,25 @@ C (lowshot); eval/voc_svm.py has the details.
 Every mode stops at once, naming --voc, if not one image of the train or test split decodes.
 
 Writes --output (JSON), TensorBoard scalars under --logdir and a markdown table (stdout).
-The README's VOC section has the full protocol settings and how to point --voc at VOC2007.
+docs/voc_classification.md has the full protocol settings and how to point --voc at VOC2007.
 """
 
 import dataclasses
-import json
 import math
 import os
-import sys
 import time
+from typing import Optional
 
 import keras
 import numpy as np
 import tensorflow as tf
-from absl import app, flags, logging
+from absl import flags, logging
 
 from dc_core import transforms
 from dc_core.errors import ConfigError
 from eval import cli, metrics, voc, voc_svm
-from eval.features import ExportedBackbone
-from eval.voc_svm import ap_dict, image_batches, per_image
+from eval.features import ExportedBackbone, guess_arch, unknown_arch
+from eval.voc import ap_dict, image_batches, per_image
 
 MODES = ("fc6_8", "all", "svm", "lowshot")
 # Protocol defaults (docs/protocols.md §4; deepcluster's README): mode -> (lr, lr step, iterations).
@@ -89,9 +88,7 @@ class VOCConfig:
 
 
 _HELP = {
-    "model": "MODEL_DIR/export of a dc_tf.train run.",
-    "voc": "The VOCdevkit/VOC2007 folder (or VOCdevkit, or its parent), or tfds:voc/2007.",
-    "output": "The JSON file to write.",
+    "voc": voc.HELP,
     "mode": "fc6_8 (head only), all (head and backbone), svm or lowshot.",
     "data_dir": "TFDS data dir of --voc=tfds:voc/2007.",
     "train_split": "Image set trained on.",
@@ -114,28 +111,22 @@ _HELP = {
     "lowshot_k": "Positives per class of the low-shot draws.",
     "lowshot_samples": "Draws per k.",
     "seed": "Seed of the head, crops, order, dropout and low-shot draws.",
-    "logdir": "TensorBoard folder (default: OUTPUT_logs beside --output).",
 }
 
 
 def validate(cfg: VOCConfig) -> VOCConfig:
     """Checks the flags that need no data and fills in the protocol defaults and logdir."""
-    if not (cfg.model and cfg.voc and cfg.output):
-        raise ConfigError("give --model=MODEL_DIR/export, --voc=PATH and --output=FILE.json")
-    if cfg.mode not in MODES:
-        raise ConfigError(f"--mode={cfg.mode} is unknown; choose one of {', '.join(MODES)}")
+    cli.require_given(cfg, model="MODEL_DIR/export", voc="PATH", output="FILE.json")
+    cli.choice("mode", cfg.mode, MODES)
     if cfg.test_views not in ("random", "ten_crop"):
         raise ConfigError(f"--test_views={cfg.test_views}: choose random or ten_crop")
     if not 0 < cfg.min_scale <= cfg.max_scale <= 1:
         raise ConfigError(f"--min_scale={cfg.min_scale} and --max_scale={cfg.max_scale} must "
                           "satisfy 0 < min_scale <= max_scale <= 1")
-    for flag in ("iterations", "learning_rate", "lr_step"):
-        if getattr(cfg, flag) < 0:
-            raise ConfigError(f"--{flag}={getattr(cfg, flag)} must be positive (or 0: default)")
-    for flag in ("batch_size", "clip_norm", "test_crops", "log_every", "cv_folds",
-                 "lowshot_samples"):
-        if getattr(cfg, flag) <= 0:
-            raise ConfigError(f"--{flag}={getattr(cfg, flag)} must be positive")
+    cli.check_each(cfg, ("iterations", "learning_rate", "lr_step"), lambda value: value >= 0,
+                   "must be positive (or 0: default)")
+    cli.check_each(cfg, ("batch_size", "clip_norm", "test_crops", "log_every", "cv_folds",
+                         "lowshot_samples"))
     if cfg.cv_folds < 2:
         raise ConfigError(f"--cv_folds={cfg.cv_folds}: cross-validation needs at least 2")
     costs = tuple(cfg.costs) or voc_svm.PROTOCOL_COSTS
@@ -146,7 +137,7 @@ def validate(cfg: VOCConfig) -> VOCConfig:
     return dataclasses.replace(
         cfg, costs=costs, iterations=cfg.iterations or iterations,
         learning_rate=cfg.learning_rate or lr, lr_step=cfg.lr_step or step,
-        logdir=cfg.logdir or os.path.splitext(cfg.output)[0] + "_logs")
+        logdir=cli.default_logdir(cfg))
 
 
 # ------------------------------------------------------------------------------ images
@@ -195,26 +186,26 @@ class HeadInput:
     units: int
 
 
-# The architecture is recognised from the export's endpoints: the last conv endpoint's name
-# and channels -> (arch, max-pool kernel and stride before its fc6, dropout before fc6).
-_HEAD_INPUTS = {("conv5", 256): ("alexnet", 3, 2, True),
-                ("conv5", 512): ("vgg16", 2, 2, False),
-                ("conv3", 128): ("small_vgg", 2, 2, True),
-                ("conv5", 2048): ("resnet50", 0, 0, True)}
+# Per architecture: (the conv endpoint its fc6 reads, the max-pool kernel and stride before its
+# fc6, dropout before fc6).
+_HEAD_INPUTS = {"alexnet": ("conv5", 3, 2, True),
+                "vgg16": ("conv5", 2, 2, False),
+                "small_vgg": ("conv3", 2, 2, True),
+                "resnet50": ("conv5", 0, 0, True)}
 
 
-def head_input(shapes: dict) -> HeadInput:
-    """The classifier input of an export from its endpoint shapes ({name: shape w/o batch})."""
-    convs = sorted(name for name, shape in shapes.items()
-                   if name.startswith("conv") and len(shape) == 3)
-    key = (convs[-1], shapes[convs[-1]][-1]) if convs else None
-    if key not in _HEAD_INPUTS:
-        raise ConfigError(f"--model: cannot tell the classifier input of an export with "
-                          f"endpoints {', '.join(f'{n} {list(s)}' for n, s in shapes.items())}; "
-                          "known: AlexNet, VGG16, ResNet-50 and small_vgg exports of dc_tf")
-    arch, kernel, stride, dropout = _HEAD_INPUTS[key]
+def head_input(shapes: dict, arch: Optional[str] = None) -> HeadInput:
+    """The classifier input of an export with endpoint shapes `shapes` ({name: shape w/o batch})
+    and architecture `arch` (ExportedBackbone.architecture; None: the one the shapes look like).
+    """
+    arch = arch or guess_arch(shapes)
+    if arch not in _HEAD_INPUTS:
+        raise unknown_arch("the classifier input of", shapes, arch)
+    endpoint, kernel, stride, dropout = _HEAD_INPUTS[arch]
+    if endpoint not in shapes:
+        raise unknown_arch("the classifier input of", shapes, arch, (endpoint,))
     units = shapes["fc6"][0] if "fc6" in shapes else 4096
-    return HeadInput(arch, key[0], kernel, stride, dropout, units)
+    return HeadInput(arch, endpoint, kernel, stride, dropout, units)
 
 
 class FineTuner(tf.Module):
@@ -285,7 +276,8 @@ def fine_tune(path: str, train: voc.VOCSplit, test: voc.VOCSplit, cfg: VOCConfig
               writer) -> tuple:
     """Trains the head (and for `all` the backbone); returns (test scores [N, 20], record)."""
     backbone = ExportedBackbone(path)
-    size, channels, plan = backbone.image_size, backbone.channels, head_input(backbone.shapes)
+    size, channels = backbone.image_size, backbone.channels
+    plan = head_input(backbone.shapes, backbone.architecture("the classifier input"))
     del backbone  # the fine-tuner loads its own copy of the weights
     module = tf.saved_model.load(path)
     if "conv_features" not in module.signatures:
@@ -344,7 +336,7 @@ def _require_decodable(split: voc.VOCSplit, cfg: VOCConfig, flag: str) -> None:
 def run(cfg: VOCConfig) -> dict:
     """Evaluates the export as `cfg` says and writes the JSON; returns the report."""
     cfg = validate(cfg)
-    logging.info("configuration: %s", json.dumps(dataclasses.asdict(cfg)))
+    cli.log_config(cfg)
     tf.random.set_seed(cfg.seed)
     start = time.time()
     train = voc.open_split(cfg.voc, cfg.train_split, cfg.data_dir)
@@ -376,10 +368,7 @@ def run(cfg: VOCConfig) -> dict:
             tf.summary.scalar("map", mean_ap, step=cfg.iterations)
     writer.close()
     report["total_s"] = time.time() - start
-    os.makedirs(os.path.dirname(os.path.abspath(cfg.output)), exist_ok=True)
-    with open(cfg.output + ".tmp", "w") as f:
-        json.dump(report, f, indent=1)
-    os.replace(cfg.output + ".tmp", cfg.output)
+    cli.write_report(cfg.output, report)
     return report
 
 
@@ -388,37 +377,25 @@ def markdown_table(report: dict) -> str:
     title = f"VOC07 {report['mode']}: {report['model']} ({report['train']} -> {report['test']})"
     if report["mode"] == "lowshot":
         return voc_svm.lowshot_table(report, title)
-    lines = [title + ", AP %", "", "| class | AP |", "|---|---|"]
-    lines += [f"| {name} | " + ("-" if ap is None else f"{100 * ap:.1f}") + " |"
-              for name, ap in report["ap"].items()]
-    return "\n".join(lines + [f"| **mAP** | **{100 * report['map']:.1f}** |"])
+    return voc.ap_table(title + ", AP %", report["ap"], report["map"])
 
 
 # ------------------------------------------------------------------------------ command line
 
 def _define_flags() -> None:
     """Defines one flag per VOCConfig field (here, so importing the module defines none)."""
-    cli.define_flags(VOCConfig, _HELP, lists=("costs", "lowshot_k"))
+    cli.define_flags(VOCConfig, _HELP, lists=("costs", "lowshot_k"),
+                     required=("model", "voc", "output"))
     flags.adopt_module_key_flags(cli)  # listed by --help as this program's
-    flags.mark_flags_as_required(["model", "voc", "output"])
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    f = flags.FLAGS
-    values = {field.name: f[field.name].value for field in dataclasses.fields(VOCConfig)}
-    try:
-        report = run(VOCConfig(**cli.parse_lists(values, {"costs": float, "lowshot_k": int})))
-    except ConfigError as e:
-        logging.error("%s", e)
-        sys.exit(f"error: {e}")
-    print(markdown_table(report))
+def _config_from_flags() -> VOCConfig:
+    return VOCConfig(**cli.parse_lists(cli.flag_values(VOCConfig),
+                                       {"costs": float, "lowshot_k": int}))
 
 
 def entry_point():
-    _define_flags()
-    app.run(main)
+    cli.run_program(_define_flags, _config_from_flags, run, markdown_table)
 
 
 if __name__ == "__main__":

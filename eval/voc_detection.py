@@ -34,20 +34,18 @@ score >= 0.05, the 5000 best anchors, per-class NMS at IoU 0.5, 100 detections p
 Metric: VOC07 AP@0.5, 11-point, difficult objects ignored, per class and mean
 (metrics.voc_detection_map); --interpolation=area gives the VOC2010+ area variant. Writes
 --output (JSON: per-class AP, mAP, mode, iterations, timing), TensorBoard scalars under
---logdir (losses, lr, AP) and prints a markdown table. eval/README_detection.md has the runs.
+--logdir (losses, lr, AP) and prints a markdown table. docs/voc_detection.md has the runs.
 """
 
 import dataclasses
-import json
 import math
 import os
-import sys
 import time
 
 import keras
 import numpy as np
 import tensorflow as tf
-from absl import app, flags, logging
+from absl import flags, logging
 
 from dc_core.errors import ConfigError
 from eval import detection_data as data
@@ -93,9 +91,7 @@ class DetectionConfig:
 
 
 _HELP = {
-    "model": "MODEL_DIR/export of a dc_tf.train run.",
-    "voc": "The VOCdevkit/VOC2007 folder (or VOCdevkit, or its parent), or tfds:voc/2007.",
-    "output": "The JSON file to write.",
+    "voc": voc.HELP,
     "mode": "frozen (FPN and heads train) or all (the backbone too).",
     "voc2012": "Also train on this VOC2012 folder (VOCdevkit/VOC2012) or tfds:voc/2012: 07+12.",
     "data_dir": "TFDS data dir of tfds: datasets.",
@@ -120,28 +116,21 @@ _HELP = {
     "interpolation": "AP: 11point (VOC2007) or area (VOC2010+).",
     "log_every": "Log the training losses every this many iterations.",
     "seed": "Seed of the heads, the order, sizes and flips.",
-    "logdir": "TensorBoard folder (default: OUTPUT_logs beside --output).",
 }
 
 
 def validate(cfg: DetectionConfig) -> DetectionConfig:
     """Checks the flags that need no data and fills in logdir."""
-    if not (cfg.model and cfg.voc and cfg.output):
-        raise ConfigError("give --model=MODEL_DIR/export, --voc=PATH and --output=FILE.json")
-    if cfg.mode not in MODES:
-        raise ConfigError(f"--mode={cfg.mode} is unknown; choose one of {', '.join(MODES)}")
+    cli.require_given(cfg, model="MODEL_DIR/export", voc="PATH", output="FILE.json")
+    cli.choice("mode", cfg.mode, MODES)
     if cfg.interpolation not in ("11point", "area"):
         raise ConfigError(f"--interpolation={cfg.interpolation}: choose 11point or area")
-    for flag in ("iterations", "warmup_iterations", "head_convs", "clip_norm"):
-        if getattr(cfg, flag) < 0:
-            raise ConfigError(f"--{flag}={getattr(cfg, flag)} must be 0 or more")
-    for flag in ("learning_rate", "batch_size", "test_size", "max_size", "max_detections",
-                 "log_every"):
-        if getattr(cfg, flag) <= 0:
-            raise ConfigError(f"--{flag}={getattr(cfg, flag)} must be positive")
-    for flag in ("score_threshold", "nms_iou"):
-        if not 0 <= getattr(cfg, flag) <= 1:
-            raise ConfigError(f"--{flag}={getattr(cfg, flag)} must lie in [0, 1]")
+    cli.check_each(cfg, ("iterations", "warmup_iterations", "head_convs", "clip_norm"),
+                   lambda value: value >= 0, "must be 0 or more")
+    cli.check_each(cfg, ("learning_rate", "batch_size", "test_size", "max_size",
+                         "max_detections", "log_every"))
+    cli.check_each(cfg, ("score_threshold", "nms_iou"), lambda value: 0 <= value <= 1,
+                   "must lie in [0, 1]")
     if not cfg.lr_steps or min(cfg.lr_steps) <= 0:
         raise ConfigError(f"--lr_steps={','.join(map(str, cfg.lr_steps))} must be positive "
                           "iteration numbers (past --iterations: no decay)")
@@ -150,8 +139,7 @@ def validate(cfg: DetectionConfig) -> DetectionConfig:
         raise ConfigError(f"--train_sizes={','.join(map(str, cfg.train_sizes))} and "
                           f"--test_size={cfg.test_size} must lie in [{data.MULTIPLE}, "
                           f"--max_size={cfg.max_size}]")
-    return dataclasses.replace(cfg, logdir=cfg.logdir or os.path.splitext(cfg.output)[0]
-                               + "_logs")
+    return dataclasses.replace(cfg, logdir=cli.default_logdir(cfg))
 
 
 # ------------------------------------------------------------------------------ training
@@ -284,11 +272,12 @@ def _open(cfg: DetectionConfig) -> tuple:
 def run(cfg: DetectionConfig) -> dict:
     """Trains and evaluates the detector as `cfg` says and writes the JSON; returns it."""
     cfg = validate(cfg)
-    logging.info("configuration: %s", json.dumps(dataclasses.asdict(cfg)))
+    cli.log_config(cfg)
     keras.utils.set_random_seed(cfg.seed)  # the heads' initial weights
     start = time.time()
     backbone = ExportedBackbone(cfg.model)
-    channels, plan = backbone.channels, pyramid_plan(backbone.shapes)
+    channels = backbone.channels
+    plan = pyramid_plan(backbone.shapes, backbone.architecture("the pyramid"))
     del backbone  # the detector loads its own copy of the weights
     train_images, test_images = _open(cfg)
     schedule = data.training_schedule(train_images, cfg.iterations, cfg.batch_size,
@@ -318,7 +307,7 @@ def run(cfg: DetectionConfig) -> dict:
     test_s = time.time() - tick
     aps, mean_ap = metrics.voc_detection_map(detections, data.evaluation_truth(test_images),
                                              len(voc.CLASSES), 0.5, cfg.interpolation)
-    ap = {name: None if math.isnan(v) else float(v) for name, v in zip(voc.CLASSES, aps)}
+    ap = voc.ap_dict(aps)
     with writer.as_default():
         for name, value in ap.items():
             if value is not None:
@@ -338,21 +327,15 @@ def run(cfg: DetectionConfig) -> dict:
         "metric": f"VOC07 AP@0.5, {cfg.interpolation}, difficult ignored", "ap": ap,
         "map": mean_ap, "test_s": test_s,
         "test_images_per_s": len(test_images.images) / test_s, "total_s": time.time() - start}
-    os.makedirs(os.path.dirname(os.path.abspath(cfg.output)), exist_ok=True)
-    with open(cfg.output + ".tmp", "w") as f:
-        json.dump(report, f, indent=1)
-    os.replace(cfg.output + ".tmp", cfg.output)
+    cli.write_report(cfg.output, report)
     return report
 
 
 def markdown_table(report: dict) -> str:
     """Per-class AP % and mAP."""
-    lines = [f"VOC07 detection, {report['mode']}, {report['iterations']} iterations: "
-             f"{report['model']} ({report['train']} -> {report['test']}), {report['metric']}, "
-             "AP %", "", "| class | AP |", "|---|---|"]
-    lines += [f"| {name} | " + ("-" if ap is None else f"{100 * ap:.1f}") + " |"
-              for name, ap in report["ap"].items()]
-    return "\n".join(lines + [f"| **mAP** | **{100 * report['map']:.1f}** |"])
+    return voc.ap_table(f"VOC07 detection, {report['mode']}, {report['iterations']} iterations: "
+                        f"{report['model']} ({report['train']} -> {report['test']}), "
+                        f"{report['metric']}, AP %", report["ap"], report["map"])
 
 
 # ------------------------------------------------------------------------------ command line
@@ -362,31 +345,21 @@ _LISTS = {"lr_steps": int, "train_sizes": int}
 
 def _define_flags() -> None:
     """Defines one flag per DetectionConfig field (here, so importing the module defines none)."""
-    cli.define_flags(DetectionConfig, _HELP, lists=tuple(_LISTS))
+    cli.define_flags(DetectionConfig, _HELP, lists=tuple(_LISTS),
+                     required=("model", "voc", "output"))
     flags.adopt_module_key_flags(cli)  # listed by --help as this program's
-    flags.mark_flags_as_required(["model", "voc", "output"])
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    f = flags.FLAGS
-    values = {field.name: f[field.name].value for field in dataclasses.fields(DetectionConfig)}
-    try:
-        values = cli.parse_lists(values, _LISTS)
-        for flag in _LISTS:
-            if not values[flag]:
-                raise ConfigError(f"--{flag} is empty; give at least one value")
-        report = run(DetectionConfig(**values))
-    except ConfigError as e:
-        logging.error("%s", e)
-        sys.exit(f"error: {e}")
-    print(markdown_table(report))
+def _config_from_flags() -> DetectionConfig:
+    values = cli.parse_lists(cli.flag_values(DetectionConfig), _LISTS)
+    for flag in _LISTS:
+        if not values[flag]:
+            raise ConfigError(f"--{flag} is empty; give at least one value")
+    return DetectionConfig(**values)
 
 
 def entry_point():
-    _define_flags()
-    app.run(main)
+    cli.run_program(_define_flags, _config_from_flags, run, markdown_table)
 
 
 if __name__ == "__main__":

@@ -20,13 +20,12 @@ seeded by (--seed, k, draw), of k positives and min(19k, all) negatives per clas
 every C on each draw, test mAP per draw. Per k the C of best mean test mAP over the draws is
 kept (so an upper bound) and the mAP mean / min / max / std over the draws at that C reported.
 
-This module also holds the VOC image pipeline that the fine-tuning shares (`image_batches`,
-`per_image`) and the JSON form of per-class APs (`ap_dict`).
+The settings come as `SVMSettings`, which voc_classification.VOCConfig is (this module imports
+nothing of voc_classification); the VOC image pipeline is eval/voc.py's.
 """
 
-import math
 import time
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 import tensorflow as tf
@@ -37,46 +36,23 @@ from sklearn.svm import LinearSVC
 from dc_core import transforms
 from dc_core.errors import ConfigError
 from eval import metrics, voc
-from eval.features import ExportedBackbone, Progress
-
-if TYPE_CHECKING:  # only for annotations: voc_classification imports this module
-    from eval.voc_classification import VOCConfig
+from eval.features import ExportedBackbone
 
 PROTOCOL_COSTS = (1.0, 10.0, 100.0) + tuple(2.0 ** -i for i in range(4, 20))
 _SVM_MAX_ITER = 2000  # the benchmark suites' LinearSVC max_iter
 
 
-# ------------------------------------------------------------------------------ images
-
-def image_batches(split: voc.VOCSplit, channels: int, view, batch_size: int,
-                  shuffle: bool = False, seed: int = 0, repeat: bool = False) -> tf.data.Dataset:
-    """Batches of (int64 [B] image indices, uint8 [B, V, S, S, C] views); `view` maps a uint8
-    [H, W, C] image to float [V, S, S, C]. Undecodable images are dropped (callers count them)."""
-    def load(index, encoded):
-        views = view(voc.decode(encoded, channels))
-        return index, tf.cast(tf.clip_by_value(tf.round(views), 0, 255), tf.uint8)
-    ds = split.records(shuffle, seed)
-    ds = (ds.repeat() if repeat else ds).map(load, num_parallel_calls=tf.data.AUTOTUNE)
-    return ds.ignore_errors().batch(batch_size, drop_remainder=repeat).prefetch(tf.data.AUTOTUNE)
-
-
-def per_image(split: voc.VOCSplit, batches, compute, what: str) -> np.ndarray:
-    """Rows of compute(uint8 views) placed by image index; NaN rows for undecodable images."""
-    out, progress = None, Progress(what, len(split.images))
-    for indices, images in batches:
-        rows = compute(images)
-        if out is None:
-            out = np.full((len(split.images), rows.shape[1]), np.nan, np.float32)
-        out[indices.numpy()] = rows
-        progress.update(len(indices))
-    if out is None:
-        raise ConfigError(f"--voc: no image of {split.name} could be decoded")
-    return out
-
-
-def ap_dict(aps: np.ndarray) -> dict:
-    """{class: AP or None where undefined}, for JSON."""
-    return {name: None if math.isnan(ap) else float(ap) for name, ap in zip(voc.CLASSES, aps)}
+class SVMSettings(Protocol):
+    """The fields of voc_classification.VOCConfig (its flags) that the SVM modes read."""
+    model: str
+    mode: str
+    layer: str
+    batch_size: int
+    costs: tuple
+    cv_folds: int
+    lowshot_k: tuple
+    lowshot_samples: int
+    seed: int
 
 
 # ------------------------------------------------------------------------------ SVMs
@@ -88,7 +64,7 @@ def svm_features(backbone: ExportedBackbone, split: voc.VOCSplit, layer: str,
 
     def view(image):
         return transforms.center_crop(image, transforms.default_resize_size(size), size)[None]
-    x = per_image(split, image_batches(split, backbone.channels, view, batch_size),
+    x = voc.per_image(split, voc.image_batches(split, backbone.channels, view, batch_size),
                   lambda images: backbone.features(images, (layer,))[layer].numpy(),
                   f"{layer} features of {split.name}")
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-10)
@@ -104,7 +80,7 @@ def _targets(labels: np.ndarray) -> np.ndarray:
     return np.where(labels == voc.PRESENT, 1, -1)
 
 
-def check_positives(split: voc.VOCSplit, cfg: "VOCConfig") -> None:
+def check_positives(split: voc.VOCSplit, cfg: SVMSettings) -> None:
     """Fails unless every class has the positives that svm's folds or lowshot's largest k need."""
     needed, flag = ((cfg.cv_folds, "cv_folds") if cfg.mode == "svm"
                     else (max(cfg.lowshot_k), "lowshot_k"))
@@ -174,13 +150,13 @@ def low_shot(train_x: np.ndarray, train_labels: np.ndarray, test_x: np.ndarray,
             "k": k, "cost": costs[best], "map_mean": float(maps[:, best].mean()),
             "map_min": float(maps[:, best].min()), "map_max": float(maps[:, best].max()),
             "map_std": float(maps[:, best].std()), "maps": maps[:, best].tolist(),
-            "ap_mean": ap_dict(np.nanmean(aps[:, best], axis=0))})
+            "ap_mean": voc.ap_dict(np.nanmean(aps[:, best], axis=0))})
         logging.info("low-shot k=%d: C=%g, mAP %.4f ± %.4f", k, records[-1]["cost"],
                      records[-1]["map_mean"], records[-1]["map_std"])
     return records
 
 
-def svm_evaluation(cfg: "VOCConfig", train: voc.VOCSplit, test: voc.VOCSplit,
+def svm_evaluation(cfg: SVMSettings, train: voc.VOCSplit, test: voc.VOCSplit,
                    writer) -> tuple:
     """SVMs or low-shot SVMs on the export's features (low-shot mAPs also to `writer`); returns
     (test scores [N, 20] or None for lowshot, record)."""

@@ -128,7 +128,7 @@ def test_the_export_describes_itself_in_its_info_file(trained, tmp_path):
         info = json.load(f)
     serve = tf.saved_model.load(path).signatures["serving_default"]
     assert (info["format"], info["format_version"]) == ("dc_tf_export", export.INFO_VERSION)
-    assert info["method"] in (None, "deepcluster")  # None while dc_tf.train passes no method
+    assert info["method"] == "deepcluster"
     assert (info["arch"], info["image_size"], info["channels"], info["min_size"]) == (
         "small_vgg", 32, 1, models.min_image_size("small_vgg"))
     assert (info["input_dtype"], info["input_range"]) == ("uint8", [0, 255])

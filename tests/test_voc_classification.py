@@ -15,9 +15,10 @@ import tensorflow as tf
 
 import mini_voc
 from conftest import ROOT, folder_smoke_config
+from dc_core import export_info
 from dc_tf import train as dc_train
 from dc_tf.config import ConfigError
-from eval import metrics, voc, voc_classification as vc
+from eval import features, metrics, voc, voc_classification as vc
 from eval.features import ExportedBackbone
 
 
@@ -176,6 +177,32 @@ def test_head_input_of_a_real_export_matches_its_own_fc6(mini):
     assert len(tuner.convs) == len(module.backbone_trainable_variables) - 4  # not fc6/fc7
     with pytest.raises(ConfigError, match="cannot tell the classifier input"):
         vc.head_input({"conv1": (8, 8, 7)})
+
+
+def test_the_classifier_input_follows_the_exports_info_file(mini, tmp_path, caplog):
+    """The architecture comes from the export's INFO_FILE, not from its endpoint shapes; an
+    export without the file (an older dc_tf's, another library's) falls back to the shapes."""
+    backbone = ExportedBackbone(mini["export"])
+    assert backbone.arch == "small_vgg" and backbone.info["endpoints"] == {
+        name: list(shape) for name, shape in backbone.shapes.items()}
+    other = shutil.copytree(mini["export"], tmp_path / "export")
+    info_file = other / features.INFO_FILE
+    info = json.loads(info_file.read_text())
+    info_file.write_text(json.dumps({**info, "arch": "alexnet"}))
+    with pytest.raises(ConfigError, match="cannot tell the classifier input of this alexnet "
+                                          "export: it lacks conv5"):
+        vc.run(_config(mini, "info", model=str(other), mode="fc6_8", iterations=1))
+    info_file.write_text(json.dumps({**info, "format_version": export_info.INFO_VERSION + 1}))
+    with pytest.raises(ConfigError, match="dc_tf_export.json has format_version"):
+        ExportedBackbone(str(other))
+    info_file.unlink()
+    old = ExportedBackbone(str(other))
+    assert old.info is None and old.arch is None
+    with caplog.at_level("WARNING"):
+        assert old.architecture("the classifier input") == "small_vgg"
+    assert features.INFO_FILE in caplog.text
+    assert vc.head_input(old.shapes, old.architecture("the classifier input")) == vc.head_input(
+        backbone.shapes, backbone.arch)
 
 
 # ------------------------------------------------------------------------------ end to end
