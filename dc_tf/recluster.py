@@ -112,13 +112,13 @@ class FinalClustering:
 
     def save(self, run: RunDir) -> None:
         run.save_assignment("final", self.labels)
-        with fileio.atomic_open(run.final_clustering, "wb") as f:
+        with fileio.atomic_open(run.final_arrays, "wb") as f:
             np.savez(f, **dataclasses.asdict(self))
 
     @classmethod
     def load(cls, run: RunDir, epochs: int) -> Optional["FinalClustering"]:
         """The saved final clustering if it belongs to a run of `epochs` epochs, else None."""
-        path = run.final_clustering
+        path = run.final_arrays
         if not os.path.exists(path):
             return None
         with np.load(path) as f:

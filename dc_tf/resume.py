@@ -75,7 +75,7 @@ def claim(cfg: config.TrainConfig, overwrite: bool = False) -> Optional[str]:
         resume, epochs_done = None, 0
     if resume is not None:
         checkpoint.repair_index(os.path.dirname(resume), resume)
-    _check_final_clustering(run, epochs_done)
+    _check_saved_final(run, epochs_done)
     run.write_config(cfg.to_json())
     return resume
 
@@ -140,21 +140,21 @@ def _trained(run: RunDir) -> str:
 _UNREADABLE = (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile)
 
 
-def _check_final_clustering(run: RunDir, epochs_done: int) -> None:
+def _check_saved_final(run: RunDir, epochs_done: int) -> None:
     """Deletes the saved final clustering (which a re-run reuses) when it
     must not be reused by a run resumed after `epochs_done` epochs, saying why: the recluster
     callback then computes it again from the checkpoint, as after a kill."""
-    problem = _final_clustering_problem(run, epochs_done)
+    problem = _saved_final_problem(run, epochs_done)
     if problem:
         logging.warning("%s: computing the final clustering again from the checkpoint", problem)
-        os.remove(run.final_clustering)
+        os.remove(run.final_arrays)
 
 
-def _final_clustering_problem(run: RunDir, epochs_done: int) -> Optional[str]:
+def _saved_final_problem(run: RunDir, epochs_done: int) -> Optional[str]:
     """Why the saved final clustering must not be reused (None: it may be, or there is none):
     one of its files does not read back or does not match the others, or it belongs to more
     epochs than the checkpoint holds (a newer checkpoint did not load: its network is lost)."""
-    saved, figures, labels = run.final_clustering, run.final_figures, run.final_assignment
+    saved, figures, labels = run.final_arrays, run.final_figures, run.final_assignment
     if not os.path.exists(saved):
         return None  # none yet, or cut short by a kill: computed after the last epoch anyway
     try:

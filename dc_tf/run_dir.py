@@ -49,9 +49,9 @@ class RunDir:
     metrics = property(lambda self: self._join("metrics.jsonl"))
     logs = property(lambda self: self._join("logs"))
     checkpoints = property(lambda self: self._join("checkpoints"))
-    assignments = property(lambda self: self._join("assignments"))
+    assignment_dir = property(lambda self: self._join("assignments"))
     final_assignment = property(lambda self: self._join("assignments", "final.npy"))
-    final_clustering = property(lambda self: self._join("final_clustering.npz"))
+    final_arrays = property(lambda self: self._join("final_clustering.npz"))
     final_figures = property(lambda self: self._join("final_clustering.json"))
     skipped = property(lambda self: self._join("skipped.tsv"))
     report = property(lambda self: self._join("report.html"))
@@ -75,9 +75,9 @@ class RunDir:
         """The record of a finished run that identifies it (not its checkpoints): the paths of
         config.json, metrics.jsonl, final_clustering.json and every assignment file present."""
         files = [p for p in (self.config, self.metrics, self.final_figures) if os.path.exists(p)]
-        if os.path.isdir(self.assignments):
-            files += [os.path.join(self.assignments, name)
-                      for name in sorted(os.listdir(self.assignments))]
+        if os.path.isdir(self.assignment_dir):
+            files += [os.path.join(self.assignment_dir, name)
+                      for name in sorted(os.listdir(self.assignment_dir))]
         return files
 
     # ------------------------------------------------------------------------------- config
@@ -142,7 +142,7 @@ class RunDir:
         """int32 [N] cluster of every example after `epoch` ("final", or an epoch number)."""
         path = self.final_assignment if epoch == "final" else self.epoch_assignment(int(epoch))
         if not os.path.exists(path):
-            found = sorted(os.listdir(self.assignments))
+            found = sorted(os.listdir(self.assignment_dir))
             raise FileNotFoundError(f"--epoch={epoch}: no {path}; this run has "
                                     f"{', '.join(found)}")
         return np.load(path)
@@ -166,13 +166,14 @@ class RunDir:
         labels."""
         if self.config_fields().get("supervised"):
             return None
-        names = sorted(os.listdir(self.assignments)) if os.path.isdir(self.assignments) else []
+        folder = self.assignment_dir
+        names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
         epochs = [n for n in names if re.fullmatch(r"epoch_\d+\.npy", n)]
         for name, what in (("final.npy", "final clustering"),
                            *((n, f"epoch {int(n[6:-4])}") for n in reversed(epochs))):
             if name in names:
                 try:
-                    return what, np.load(os.path.join(self.assignments, name))
+                    return what, np.load(os.path.join(folder, name))
                 except (OSError, ValueError, EOFError):
                     continue  # a damaged file: the one before it
         return None

@@ -66,12 +66,12 @@ def run(cfg: config.TrainConfig, overwrite: bool = False) -> config.TrainConfig:
             # Callbacks and fit.
             labeller = method.labeller(source, model, workers, epochs_done)
             saver = CheckpointCallback(checkpoint, cfg.learning_rate)
-            _fit(method, model, source, workers, [labeller, saver], epochs_done)
+            _fit(method, model, source, workers, labeller, saver, epochs_done)
             if saver.preempted:
                 return cfg
             # Final clustering and export.
             labeller.set_model(model)  # a re-run with every epoch trained did not call fit()
-            final = _final_clustering(cfg, labeller, workers) if method.clusters else None
+            final = _final(cfg, labeller, workers) if method.clusters else None
             _list_skipped(source, labeller, workers)
             _export(method, model, final, workers, source)
     return cfg
@@ -86,10 +86,10 @@ def _log_start(cfg: config.TrainConfig, source: data.Source, workers: Workers) -
 
 
 def _fit(method: methods.Method, model: keras.Model, source: data.Source, workers: Workers,
-         first_and_last: list, epochs_done: int) -> None:
+         labeller: keras.callbacks.Callback, saver: CheckpointCallback, epochs_done: int) -> None:
     """Trains the epochs not done yet. The labeller comes first (its epoch's targets before the
     epoch's steps), the checkpoint saver last (after the epoch's figures and report)."""
-    cfg, (labeller, saver) = method.cfg, first_and_last
+    cfg = method.cfg
     run_dir = workers.run.path
     montage = method.clusters and workers.chief
     callbacks = [labeller,
@@ -108,7 +108,7 @@ def _fit(method: methods.Method, model: keras.Model, source: data.Source, worker
               verbose=1 if console.interactive() else 0)  # else RunLogger's line a minute
 
 
-def _final_clustering(cfg: config.TrainConfig, labeller, workers: Workers) -> FinalClustering:
+def _final(cfg: config.TrainConfig, labeller, workers: Workers) -> FinalClustering:
     """The clustering of the trained network: the one a previous run saved, else a new one
     (whose pass over the images lists those that became unreadable after the last epoch's)."""
     final = FinalClustering.load(workers.run, cfg.epochs)

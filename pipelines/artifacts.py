@@ -66,7 +66,7 @@ class ModelDir(Artifact):
         run = RunDir(self.path)
         record = run.record()
         # The figures' files by content; the assignments, large, by name and size.
-        hashed = [p for p in record if os.path.dirname(p) != run.assignments]
+        hashed = [p for p in record if os.path.dirname(p) != run.assignment_dir]
         digest = hashlib.sha256(_hash_tree(self.path, [os.path.relpath(p, self.path)
                                                        for p in hashed]).encode())
         for path in record:
