@@ -29,7 +29,8 @@ setup(
     ],
     extras_require={
         "gpu": ["faiss-gpu>=1.8", "tensorflow[and-cuda]>=2.16,<3"],
-        "dev": ["pytest>=7", "selenium>=4.10"],  # selenium: the report page in Chromium
+        # selenium: the report page in Chromium; pytest-xdist: the suite on two workers
+        "dev": ["pytest>=7", "pytest-xdist>=3", "selenium>=4.10"],
     },
     entry_points={"console_scripts": ["dc-tf-train=dc_tf.train:entry_point",
                                        "dc-tf-visualize=dc_tf.visualize:entry_point"]},

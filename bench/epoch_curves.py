@@ -1,7 +1,7 @@
 r"""Per-epoch clustering quality and cost of training runs, side by side (issue 23).
 
     python bench/epoch_curves.py --run=DeepCluster=runs/fashion_mnist \
-        --run=DeepCluster-v2=runs/fashion_mnist_v2 --plot=docs/images/nmi_labels.png
+        --run=DeepCluster-v2=runs/fashion_mnist_v2 --plot=bench/nmi_labels.png
 
 Reads each run's metrics rows (and final clustering figures) and prints JSON: per run and epoch,
 nmi_labels (head 0's clustering against the ground truth), nmi_prev, and the seconds spent

@@ -136,6 +136,27 @@ def test_nothing_points_outside_the_repository():
     assert not found, "\n".join(found)
 
 
+# A path of the repository named in code or docs: "docs/protocols.md", "bench/RESULTS.md", ...
+_REPO_PATH = re.compile(r"(?<![\w/.-])((?:docs|bench|flags|dc_tf|dc_core|eval|pipelines|tools)/"
+                        r"[\w/.-]*\.(?:md|py|cfg|png|json|txt))")
+# A relative link of a markdown page: [text](target) or [text](target#anchor).
+_MD_LINK = re.compile(r"\]\((?!https?://|#)([^)#\s]+)")
+
+
+def test_every_file_named_in_code_and_docs_is_in_the_repository():
+    missing = []
+    for path in _project_files():
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for number, line in enumerate(f, 1):
+                named = [(os.path.join(ROOT, p.rstrip(".")), p) for p in _REPO_PATH.findall(line)]
+                if path.endswith(".md"):
+                    named += [(os.path.join(os.path.dirname(path), p), p)
+                              for p in _MD_LINK.findall(line)]
+                missing += [f"{os.path.relpath(path, ROOT)}:{number}: {shown}"
+                            for target, shown in named if not os.path.exists(target)]
+    assert not missing, "\n".join(missing)
+
+
 def _project_files() -> list:
     """Every text file of the project outside tests/ and build outputs."""
     skip = {".git", "tests", "build", "__pycache__"}
