@@ -49,12 +49,11 @@ class Method:
         self.cfg = config.with_data(self.cfg, source.channels, source.num_examples)
         return self.cfg
 
-    def backbone(self, seed: Optional[int] = None) -> keras.Model:
-        """The network trained (`cfg` with its data filled in), seeded by cfg.seed unless
-        `seed` is given."""
+    def backbone(self) -> keras.Model:
+        """The network trained (`cfg` with its data filled in), seeded by cfg.seed."""
         cfg = self.cfg
         return models.build_backbone(cfg.arch, cfg.image_size, cfg.channels, cfg.sobel,
-                                     cfg.mean, cfg.std, seed=cfg.seed if seed is None else seed)
+                                     cfg.mean, cfg.std, seed=cfg.seed)
 
     def check(self, backbone: keras.Model) -> None:
         """What depends on the opened data and the built network."""
@@ -191,14 +190,13 @@ class DeepClusterV2(Method):
         super().__init__(cfg)
         self.assign_endpoint = "embedding"
 
-    def backbone(self, seed: Optional[int] = None) -> keras.Model:
+    def backbone(self) -> keras.Model:
         """Without dropout, and of any input size when the local crops have another size than
         the global ones."""
         cfg = self.cfg
         return models.build_backbone(
-            cfg.arch, cfg.image_size, cfg.channels, cfg.sobel, cfg.mean, cfg.std,
-            seed=cfg.seed if seed is None else seed, dropout=False,
-            any_size=cfg.local_crops > 0 and cfg.local_crop_size != cfg.image_size)
+            cfg.arch, cfg.image_size, cfg.channels, cfg.sobel, cfg.mean, cfg.std, seed=cfg.seed,
+            dropout=False, any_size=cfg.local_crops > 0 and cfg.local_crop_size != cfg.image_size)
 
     @property
     def steps_per_epoch(self) -> int:
