@@ -24,7 +24,7 @@ from conftest import ROOT
 from dc_tf import failpoints
 
 EPOCHS = 3
-# Batch 256, the feature pass's batch too (dc_tf.data.pipelines.feature_batch_size): 6 batches per feature
+# Batch 256, the feature pass's batch too (pipelines.feature_batch_size): 6 batches per feature
 # pass and 6 training steps per epoch, so every kill below lands where its comment says.
 NUM_EXAMPLES = 1536
 ARGS = [f"--max_examples={NUM_EXAMPLES}", "--num_clusters=4", "--pca_dim=8", "--batch_size=256"]
