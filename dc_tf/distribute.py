@@ -212,11 +212,10 @@ class Workers:
     def __init__(self, cfg: config.TrainConfig):
         self.strategy = make_strategy(cfg.strategy)  # first: multi_worker sets up the runtime
         check_batch_size(self.strategy, cfg.batch_size)
-        model_dir = cfg.model_dir
         self.distributed = self.strategy if is_distributed(self.strategy) else None
         self.chief = is_chief(self.strategy)
-        self.run = RunDir(write_dir(self.strategy, model_dir))
-        self.chief_run = RunDir(model_dir)
+        self.run = RunDir(write_dir(self.strategy, cfg.model_dir))
+        self.chief_run = RunDir(cfg.model_dir)
 
     def scope(self):
         """Where training creates its variables (`variable_scope`)."""

@@ -94,22 +94,21 @@ class RunDir:
 
     # ------------------------------------------------------------------------------ metrics
     def metrics_lines(self) -> list:
-        """(line, epoch or None) for every line of metrics.jsonl; [] when there is none. The
-        epoch is None for a line that is not a whole row (cut short by a kill, or garbled)."""
+        """(line, row or None) for every line of metrics.jsonl; [] when there is none. The row
+        is None for a line that is not a whole row (cut short by a kill, or garbled)."""
         if not os.path.exists(self.metrics):
             return []
         with open(self.metrics, "rb") as f:
-            return [(line, _epoch_of(line)) for line in f]
+            return [(line, _row_of(line)) for line in f]
 
     def logged_epochs(self) -> list:
         """The epochs of metrics.jsonl's whole rows, in file order."""
-        return [epoch for _, epoch in self.metrics_lines() if epoch is not None]
+        return [row["epoch"] for row in self.read_metrics()]
 
     def read_metrics(self) -> list:
         """metrics.jsonl's rows as dicts ([] for a run without epochs); lines that are not
         whole rows (a run killed while appending) are left out."""
-        return [json.loads(line.decode("utf-8")) for line, epoch in self.metrics_lines()
-                if epoch is not None]
+        return [row for _, row in self.metrics_lines() if row is not None]
 
     def truncate_metrics(self, before_epoch: int) -> None:
         """Keeps the rows of epochs before `before_epoch`: drops those of later epochs (written
@@ -118,12 +117,12 @@ class RunDir:
         next row starts a line of its own."""
         rows = self.metrics_lines()
         keep = []
-        for number, (line, epoch) in enumerate(rows, 1):
-            if epoch is None:
+        for number, (line, row) in enumerate(rows, 1):
+            if row is None:
                 if line.strip():
                     logging.warning("%s line %d is not a metrics row, dropped: %r", self.metrics,
                                     number, line[:80])
-            elif epoch < before_epoch:
+            elif row["epoch"] < before_epoch:
                 keep.append(line if line.endswith(b"\n") else line + b"\n")
         if keep != [line for line, _ in rows]:
             fileio.atomic_write(self.metrics, b"".join(keep))
@@ -206,14 +205,15 @@ class RunDir:
             return None
 
 
-def _epoch_of(line: bytes) -> Optional[int]:
-    """The epoch of a metrics.jsonl line (None: not a whole row: cut short or garbled)."""
+def _row_of(line: bytes) -> Optional[dict]:
+    """A metrics.jsonl line's row (None: not a whole row with its epoch: cut short or
+    garbled)."""
     try:
         row = json.loads(line.decode("utf-8"))  # UnicodeDecodeError is a ValueError too
     except ValueError:
         return None
     epoch = row.get("epoch") if isinstance(row, dict) else None
-    return epoch if isinstance(epoch, int) else None
+    return row if isinstance(epoch, int) else None
 
 
 def save_array(path: str, array: np.ndarray) -> None:
