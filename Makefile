@@ -24,9 +24,11 @@ train: setup
 	$(PYTHON) -m dc_tf.train --flagfile=flags/fashion_mnist.cfg
 
 # Two workers (pytest-xdist), each test file on one of them so that a file's trained fixtures
-# are built once: 17 minutes instead of 22 on a 2-core machine.
+# are built once, and TensorFlow on one thread in every process the tests start (two workers and
+# their training subprocesses already share two cores): 14 minutes instead of 22 on a 2-core
+# machine (bench/RESULTS.md §12).
 test: setup $(CHROMEDRIVER)
-	$(PYTHON) -m pytest -q -n 2 --dist loadfile tests
+	TF_NUM_INTRAOP_THREADS=1 TF_NUM_INTEROP_THREADS=1 $(PYTHON) -m pytest -q -n 2 --dist loadfile tests
 
 bench: setup
 	$(PYTHON) bench/train_overhead.py

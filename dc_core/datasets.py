@@ -31,7 +31,7 @@ def open_source(dataset: str, data_dir: str = "", max_examples: int = 0) -> Sour
     """
     kind, _, rest = dataset.partition(":")
     if kind == "fashion_mnist":
-        source = _fashion_mnist(rest or "train", data_dir)
+        source = _fashion_mnist(rest or "train", data_dir, max_examples)
     elif kind == "folder" and rest:
         source = _folder(rest)
     elif kind == "tfds" and rest:
@@ -70,7 +70,9 @@ def _first(source: Source, n: int) -> Source:
                         paths=source.paths[:n], refusals=source.refusals[:n])
 
 
-def _fashion_mnist(split: str, data_dir: str) -> Source:
+def _fashion_mnist(split: str, data_dir: str, max_examples: int) -> Source:
+    """The split from Debian's IDX files (only the first `max_examples` read; 0: all), else from
+    a TFDS data dir."""
     if split not in _FASHION_FILES:
         raise ConfigError(f"--dataset=fashion_mnist:{split}: the splits are train and test")
     name = f"fashion_mnist:{split}" if split != "train" else "fashion_mnist"
@@ -79,7 +81,7 @@ def _fashion_mnist(split: str, data_dir: str) -> Source:
     idx = [prefix + suffix for suffix in ("-images-idx3-ubyte", "-labels-idx1-ubyte")]
     found = [next((p for p in (f + ".gz", f) if os.path.exists(p)), None) for f in idx]
     if all(found):
-        images, labels = load_idx(found[0]), load_idx(found[1])
+        images, labels = (load_idx(path, max_examples) for path in found)
     elif data_dir and os.path.isdir(os.path.join(data_dir, "fashion_mnist")):
         import tensorflow_datasets as tfds
         data = tfds.as_numpy(tfds.load("fashion_mnist", split=split, data_dir=data_dir,

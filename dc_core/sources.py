@@ -360,17 +360,22 @@ class TFDSSource(Source):
         return decode_checked(payload, self.channels)
 
 
-def load_idx(path: str) -> np.ndarray:
-    """Reads an IDX file (gzipped or not), the format of MNIST and Fashion-MNIST."""
+def load_idx(path: str, count: int = 0) -> np.ndarray:
+    """Reads an IDX file (gzipped or not), the format of MNIST and Fashion-MNIST: every record,
+    or the first `count` (count > 0), of which only those are read (and decompressed)."""
     import gzip
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rb") as f:
-        data = f.read()
-    ndim = data[3]
-    if data[:2] != b"\x00\x00" or data[2] != 0x08:
-        raise ValueError(f"{path} is not an unsigned-byte IDX file")
-    shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
-    array = np.frombuffer(data, np.uint8, offset=4 + 4 * ndim)
+        magic = f.read(4)
+        if len(magic) < 4 or magic[:2] != b"\x00\x00" or magic[2] != 0x08:
+            raise ValueError(f"{path} is not an unsigned-byte IDX file")
+        dims = f.read(4 * magic[3])
+        if len(dims) < 4 * magic[3]:
+            raise ValueError(f"{path} is truncated inside its header")
+        shape = tuple(int.from_bytes(dims[i:i + 4], "big") for i in range(0, len(dims), 4))
+        if count and shape and count < shape[0]:
+            shape = (count, *shape[1:])
+        array = np.frombuffer(f.read(int(np.prod(shape))), np.uint8)
     if array.size != int(np.prod(shape)):
         raise ValueError(f"{path} is truncated: header says {shape}, found {array.size} bytes")
     return array.reshape(shape)

@@ -105,8 +105,9 @@ class _FeatureModule(tf.Module):
         return _float32(outputs)
 
     def _assign(self, images):
-        x = tf.cast(self.backbone(self._checked(images), training=False)[self.cluster_endpoint],
-                    tf.float32)
+        # Through `serve`, traced already for the same input signature: the backbone is traced
+        # once for both signatures, and `assign` reads exactly what `serve` returns.
+        x = self.serve(images)[self.cluster_endpoint]
         z = tf.matmul(x - self.pca_mean, self.pca_matrix)
         # As clustering.l2_normalize: x / (||x|| + 1e-10).
         z = z / (tf.norm(z, axis=1, keepdims=True) + 1e-10)

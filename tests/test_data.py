@@ -47,6 +47,24 @@ def test_truncated_idx_file_is_reported(tmp_path):
         sources.load_idx(str(path))
 
 
+@pytest.mark.parametrize("name", ["x.gz", "x"])
+def test_an_idx_file_reads_whole_or_its_first_records(tmp_path, name):
+    array = np.arange(5 * 3 * 2, dtype=np.uint8).reshape(5, 3, 2)
+    path = str(tmp_path / name)
+    with (gzip.open if name.endswith(".gz") else open)(path, "wb") as f:
+        f.write(bytes([0, 0, 8, 3]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
+                + array.tobytes())
+    np.testing.assert_array_equal(sources.load_idx(path), array)
+    np.testing.assert_array_equal(sources.load_idx(path, 2), array[:2])
+    np.testing.assert_array_equal(sources.load_idx(path, 9), array)  # more than it holds: all
+    with open(path, "rb") as f:
+        head = f.read(10)
+    with open(path, "wb") as f:  # cut inside the header
+        f.write(head if not name.endswith(".gz") else gzip.compress(bytes([0, 0, 8, 3, 0, 0])))
+    with pytest.raises(ValueError, match="truncated inside its header"):
+        sources.load_idx(path)
+
+
 def _mixed_folder(root):
     """Two classes, every supported format and colour mode, and three unreadable files."""
     write_image(f"{root}/cat/a.jpg", (50, 40), "RGB")
