@@ -24,11 +24,13 @@ train: setup
 	$(PYTHON) -m dc_tf.train --flagfile=flags/fashion_mnist.cfg
 
 # Two workers (pytest-xdist), each test file on one of them so that a file's trained fixtures
-# are built once, and TensorFlow on one thread in every process the tests start (two workers and
-# their training subprocesses already share two cores): 14 minutes instead of 22 on a 2-core
-# machine (bench/RESULTS.md §12).
+# are built once, and TensorFlow, FAISS (OpenMP) and numpy (OpenBLAS) on one thread in every
+# process the tests start (two workers and their training subprocesses already share two
+# cores): 13 minutes instead of 22 on a 2-core machine (bench/RESULTS.md §12).
+TEST_THREADS = TF_NUM_INTRAOP_THREADS=1 TF_NUM_INTEROP_THREADS=1 OMP_NUM_THREADS=1 \
+	OPENBLAS_NUM_THREADS=1
 test: setup $(CHROMEDRIVER)
-	TF_NUM_INTRAOP_THREADS=1 TF_NUM_INTEROP_THREADS=1 $(PYTHON) -m pytest -q -n 2 --dist loadfile tests
+	$(TEST_THREADS) $(PYTHON) -m pytest -q -n 2 --dist loadfile tests
 
 bench: setup
 	$(PYTHON) bench/train_overhead.py
