@@ -4,7 +4,10 @@ A quick look (a minute per export on 2 cores) at what the probe of bench/RESULTS
 in five: the weighted kNN-20 of eval.linear_probe on the first --train images of Fashion-MNIST's
 train split against the first --test of its test split (both centre crops, through the export's
 serving signature), plus, per layer, the share of units that never fire on the train images and
-the effective rank (exp of the entropy of the covariance's eigenvalue shares) of their features.
+the effective rank (exp of the entropy of the covariance's eigenvalue shares) of their features,
+and with --whiten=D the kNN once more after PCA-whitening the features to D components (fitted
+on the train images; DeepCluster's own preprocessing before k-means): what the features hold
+when every direction counts alike, against what a plain cosine sees.
 The kNN figures are below the full probe's (fewer neighbours to draw from), so compare exports
 with each other, not with bench/RESULTS.md §3.
 
@@ -22,6 +25,7 @@ from absl import app, flags
 
 from dc_tf import data
 from dc_tf.data import pipelines
+from dc_core.clustering import fit_pca_whitening
 from eval.linear_probe import knn_scores
 
 flags.DEFINE_multi_string("export", [], "SavedModel folders to look at.")
@@ -29,6 +33,8 @@ flags.DEFINE_list("layers", ["fc6", "fc7", "embedding"], "Endpoints (those an ex
                   "left out).")
 flags.DEFINE_integer("train", 15000, "Training images the kNN searches.")
 flags.DEFINE_integer("test", 5000, "Test images it classifies.")
+flags.DEFINE_integer("whiten", 0, "Also the kNN after PCA-whitening to this many components "
+                     "(at most the layer's width; 0: not).")
 FLAGS = flags.FLAGS
 
 
@@ -57,12 +63,22 @@ def main(argv):
         train, train_labels = _features(serving, "fashion_mnist", FLAGS.train, layers)
         test, test_labels = _features(serving, "fashion_mnist:test", FLAGS.test, layers)
         for name in layers:
-            votes = knn_scores(train[name], train_labels, test[name], 20, 0.07, 10)
-            print(json.dumps({
-                "export": export, "layer": name,
-                "knn_top1": round(float((votes.argmax(1) == test_labels).mean()), 4),
-                "dead_units": round(float((train[name].max(0) <= 0).mean()), 3),
-                "effective_rank": round(effective_rank(train[name]), 1)}), flush=True)
+            row = {"export": export, "layer": name,
+                   "knn_top1": _knn_top1(train[name], train_labels, test[name], test_labels),
+                   "dead_units": round(float((train[name].max(0) <= 0).mean()), 3),
+                   "effective_rank": round(effective_rank(train[name]), 1)}
+            if FLAGS.whiten:
+                # eps relative to the total variance: dead units' zero directions stay at ~0.
+                pca = fit_pca_whitening(train[name], min(FLAGS.whiten, train[name].shape[1]),
+                                        eps=1e-5 * float(train[name].var(0).sum()))
+                row["knn_top1_whitened"] = _knn_top1(pca.apply(train[name]), train_labels,
+                                                     pca.apply(test[name]), test_labels)
+            print(json.dumps(row), flush=True)
+
+
+def _knn_top1(train, train_labels, test, test_labels) -> float:
+    votes = knn_scores(train, train_labels, test, 20, 0.07, 10)
+    return round(float((votes.argmax(1) == test_labels).mean()), 4)
 
 
 if __name__ == "__main__":

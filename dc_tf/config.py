@@ -38,7 +38,7 @@ METHOD_FLAGS = {
                        "global_crop_scale",
                        "local_crops", "local_crop_size", "local_crop_scale", "warmup_epochs",
                        "final_learning_rate", "lars", "lars_trust_coefficient", "color_jitter",
-                       "blur"),
+                       "blur", "feature_spread"),
 }
 
 
@@ -84,6 +84,9 @@ class TrainConfig:
     # Colour distortion strength of every crop (0: none) and Gaussian blur with p = 0.5.
     color_jitter: float = 1.0
     blur: bool = True
+    # dc_tf's addition to DeepCluster-v2 (0: the published objective): the weight of a term
+    # that spreads fc6 and fc7 over more directions (model.spread_penalty).
+    feature_spread: float = 0.0
     # Optimisation.
     epochs: int = 500
     batch_size: int = 256
@@ -235,6 +238,9 @@ def _validate_v2(cfg: TrainConfig) -> None:
         _fail("final_learning_rate", cfg.final_learning_rate,
               f"needs 0 <= final rate <= --learning_rate={cfg.learning_rate} (DeepCluster-v2: "
               "a thousandth of it); leave it out for a constant rate")
+    if not 0 <= cfg.feature_spread <= 1:
+        _fail("feature_spread", cfg.feature_spread, "needs 0 <= weight <= 1 (0: the published "
+              "DeepCluster-v2 objective; the Fashion-MNIST default: 0.1)")
     if not 0 < cfg.lars_trust_coefficient < 1:
         _fail("lars_trust_coefficient", cfg.lars_trust_coefficient,
               "needs 0 < trust < 1 (DeepCluster-v2: 0.001)")

@@ -208,7 +208,8 @@ class DeepClusterV2(Method):
         model = networks.DeepClusterV2Model(
             backbone, models.head_endpoint(cfg.arch), cfg.num_examples, cfg.num_prototypes,
             cfg.projection_dims, cfg.temperature, cfg.weight_decay, seed=cfg.seed,
-            global_crops=cfg.global_crops,
+            global_crops=cfg.global_crops, feature_spread=cfg.feature_spread,
+            spread_endpoints=models.spread_endpoints(cfg.arch),
             lars_trust=cfg.lars_trust_coefficient if cfg.lars else None)
         model.compile(optimizer=keras.optimizers.SGD(
             optim.learning_rate(cfg, self.steps_per_epoch), momentum=cfg.momentum),

@@ -107,6 +107,21 @@ class DeepClusterModel(keras.Model):
                 v.assign(tf.zeros_like(v))
 
 
+def spread_penalty(features: tf.Tensor) -> tf.Tensor:
+    """-log of the participation ratio of float32 [n, c] features over their n rows.
+
+    With C the covariance of the rows, the participation ratio tr(C)^2 / ||C||_F^2 counts the
+    directions the features spread over: 1 when one direction holds all their variance, up to
+    min(n - 1, c) when the variance is spread evenly. The penalty is scale-free, so it reshapes
+    the spectrum without pulling the features' size. Computed on the [n, n] Gram matrix of the
+    centred rows, which has C's non-zero eigenvalues (times n - 1).
+    """
+    centred = features - tf.reduce_mean(features, axis=0, keepdims=True)
+    gram = tf.matmul(centred, centred, transpose_b=True)
+    return (tf.math.log(tf.reduce_sum(tf.square(gram)) + 1e-12)
+            - 2.0 * tf.math.log(tf.linalg.trace(gram) + 1e-6))
+
+
 class DeepClusterV2Model(keras.Model):
     """DeepCluster-v2 (docs/protocols.md §9): a backbone, a projection head onto the unit sphere,
     and frozen prototype heads that predict each example's cluster, with a custom train_step.
@@ -119,7 +134,10 @@ class DeepClusterV2Model(keras.Model):
         current epoch, written by example index in train_step; clustered at the next epoch start.
       epoch: int64, the epoch being trained; the multi-crop pipeline keys its draws by it.
     The loss is, per head, the cross-entropy of (embedding . prototypes) / temperature against
-    the example's cluster over every crop, averaged over heads. Backbone and projection train
+    the example's cluster over every crop, averaged over heads; with `feature_spread` > 0,
+    dc_tf adds that weight times the sum of `spread_penalty` over `spread_endpoints` of the
+    global crops (not in the published method: it keeps fc6 and fc7 from collapsing onto a few
+    directions, bench/RESULTS.md §10). Backbone and projection train
     by SGD with momentum and coupled L2 weight decay, as DeepClusterModel's backbone, optionally
     through LARC (`optim.larc`).
 
@@ -135,15 +153,19 @@ class DeepClusterV2Model(keras.Model):
       lars_trust: LARC's trust coefficient; None trains by plain SGD.
       global_crops: how many of a batch's views are global (image_size) crops; the first two
         are written to the bank.
+      feature_spread: weight of `spread_penalty` (0: the published objective).
+      spread_endpoints: the endpoints it spreads (`models.spread_endpoints`).
     """
 
     def __init__(self, backbone: keras.Model, head_endpoint: str, num_examples: int,
                  num_prototypes: tuple, projection_dims: tuple, temperature: float,
                  weight_decay: float, seed: int, lars_trust: float | None = None,
-                 global_crops: int = 2, **kwargs):
+                 global_crops: int = 2, feature_spread: float = 0.0,
+                 spread_endpoints: tuple = (), **kwargs):
         super().__init__(**kwargs)
         self.backbone, self.head_endpoint = backbone, head_endpoint
         self.temperature, self.weight_decay = temperature, weight_decay
+        self.feature_spread, self.spread_endpoints = feature_spread, tuple(spread_endpoints)
         self.lars_trust, self.global_crops = lars_trust, global_crops
         hidden, dim = projection_dims
         init = keras.initializers.GlorotUniform
@@ -191,9 +213,13 @@ class DeepClusterV2Model(keras.Model):
 
     def call(self, images, training=False):
         """float32 [B, d] unit embeddings of float32 images."""
-        features = self.backbone(images, training=training)[self.head_endpoint]
-        z = tf.cast(self.projection(features, training=training), tf.float32)
-        return tf.math.l2_normalize(z, axis=1)
+        return self._embed(images, training)[1]
+
+    def _embed(self, images, training):
+        """(the backbone's endpoints, float32 [B, d] unit embeddings) of float32 images."""
+        outputs = self.backbone(images, training=training)
+        z = tf.cast(self.projection(outputs[self.head_endpoint], training=training), tf.float32)
+        return outputs, tf.math.l2_normalize(z, axis=1)
 
     def train_step(self, data):
         views, indices = data
@@ -202,7 +228,8 @@ class DeepClusterV2Model(keras.Model):
             # The global crops in one batch, then the local ones (another size) in another;
             # rows are view-major: view v of example i is row v * B + i.
             g = self.global_crops
-            embedded = [self(tf.concat(views[:g], 0), training=True)]
+            outputs, global_embedding = self._embed(tf.concat(views[:g], 0), training=True)
+            embedded = [global_embedding]
             if len(views) > g:
                 embedded.append(self(tf.concat(views[g:], 0), training=True))
             z = tf.concat(embedded, 0)
@@ -218,6 +245,10 @@ class DeepClusterV2Model(keras.Model):
                 if head == 0:
                     first_logits, first_labels = logits, labels
             loss = tf.add_n(losses) / len(losses)
+            if self.feature_spread:
+                loss += self.feature_spread * tf.add_n([
+                    spread_penalty(tf.cast(outputs[name], tf.float32))
+                    for name in self.spread_endpoints])
         variables = self.trained_variables
         grads = tape.gradient(loss, variables)
         if self.lars_trust is None:

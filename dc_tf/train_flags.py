@@ -73,6 +73,11 @@ flags.DEFINE_float("color_jitter", _D.color_jitter,
 flags.DEFINE_bool("blur", _D.blur,
                   "DeepCluster-v2: Gaussian blur of every crop with p = 0.5, sigma 0.1-2 px per "
                   "224 px of the crop's side (swav).")
+flags.DEFINE_float("feature_spread", _D.feature_spread,
+                   "DeepCluster-v2, dc_tf's addition: weight of -log of the participation ratio "
+                   "over each batch of fc6 and of fc7 (ResNet-50: the pooled features), which "
+                   "keeps them from collapsing onto a few directions (0: the published "
+                   "objective).")
 flags.DEFINE_integer("warmup_epochs", _D.warmup_epochs,
                      "DeepCluster-v2: epochs of linear warm-up of the learning rate from 0 (10).")
 flags.DEFINE_float("final_learning_rate", _D.final_learning_rate,
@@ -165,7 +170,7 @@ def config_from_flags() -> config.TrainConfig:
         local_crop_scale=_floats("local_crop_scale", f.local_crop_scale, 2),
         warmup_epochs=f.warmup_epochs, final_learning_rate=f.final_learning_rate, lars=f.lars,
         lars_trust_coefficient=f.lars_trust_coefficient, color_jitter=f.color_jitter,
-        blur=f.blur)
+        blur=f.blur, feature_spread=f.feature_spread)
 
 
 def config_from_argv(argv: list) -> config.TrainConfig:

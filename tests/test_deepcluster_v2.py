@@ -17,7 +17,7 @@ from dc_core import transforms
 from dc_core.sources import ArraySource
 from dc_tf import config, models, optim
 from dc_tf.data import pipelines
-from dc_tf.model import DeepClusterV2Model
+from dc_tf.model import DeepClusterV2Model, spread_penalty
 
 
 def _unit_rows(n, d, seed):
@@ -57,11 +57,12 @@ def test_an_empty_centroid_keeps_its_place():
     assert result.centroids.shape == (2, 4) and np.isfinite(result.centroids).all()
 
 
-def _tiny_model(n=40, prototypes=(5, 3), global_crops=2):
+def _tiny_model(n=40, prototypes=(5, 3), global_crops=2, feature_spread=0.0):
     backbone = models.build_backbone("small_vgg", 8, 1, False, (0.5,), (0.25,), seed=0,
                                      dropout=False)
     model = DeepClusterV2Model(backbone, "fc7", n, prototypes, (16, 8), 0.1, 1e-6, seed=0,
-                               global_crops=global_crops)
+                               global_crops=global_crops, feature_spread=feature_spread,
+                               spread_endpoints=models.spread_endpoints("small_vgg"))
     model.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9))
     return model
 
@@ -92,6 +93,42 @@ def test_a_training_step_writes_the_bank_by_index_and_leaves_the_prototypes():
         np.testing.assert_array_equal(p.numpy(), p_before)
     assert any(not np.array_equal(v.numpy(), b)
                for v, b in zip(model.backbone.trainable_variables, before["backbone"]))
+
+
+def test_spread_penalty_is_minus_log_the_participation_ratio():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(50, 12)) * np.geomspace(10, 0.1, 12)  # a decaying spectrum
+    eigenvalues = np.linalg.eigvalsh(np.cov(x.T))
+    expected = -np.log(eigenvalues.sum() ** 2 / (eigenvalues ** 2).sum())
+    got = spread_penalty(tf.constant(x, tf.float32)).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-4)
+    # Scale-free, and 0 (one direction) to -log(c) (c equal directions).
+    np.testing.assert_allclose(spread_penalty(tf.constant(7 * x, tf.float32)), got, rtol=1e-4)
+    line = np.outer(rng.normal(size=50), rng.normal(size=12))
+    np.testing.assert_allclose(spread_penalty(tf.constant(line, tf.float32)), 0.0, atol=1e-5)
+    even = np.concatenate([np.eye(12), -np.eye(12)]) * 3.0
+    np.testing.assert_allclose(spread_penalty(tf.constant(even, tf.float32)), -np.log(12),
+                               rtol=1e-5)
+
+
+def test_feature_spread_trains_fc6_and_fc7_onto_more_directions():
+    """With the prototypes at zero the cross-entropy has no gradient: the steps follow the
+    spread term alone, and the participation ratios of fc6 and fc7 over the batch must grow."""
+    model = _tiny_model(feature_spread=1.0)
+    model.optimizer.learning_rate.assign(0.005)  # this tiny network's steps at 0.05 overshoot
+    model.assignments.assign(np.zeros((2, 40), np.int32))
+    rng = np.random.default_rng(1)
+    views = tuple(tf.constant(rng.uniform(0, 255, (32, 8, 8, 1)), tf.float32) for _ in range(2))
+    batch = tf.concat(views, 0)
+
+    def ratios():
+        outputs = model.backbone(batch, training=True)
+        return np.exp([-spread_penalty(outputs[name]).numpy() for name in ("fc6", "fc7")])
+
+    before = ratios()
+    model.fit(tf.data.Dataset.from_tensors((views, np.arange(32, dtype=np.int32))).repeat(20),
+              epochs=1, verbose=0)
+    assert (ratios() > 1.5 * before).all(), (before, ratios())
 
 
 def test_multicrop_views_have_their_sizes_and_every_example_comes_once():
@@ -215,6 +252,7 @@ def test_the_visualiser_restores_a_v2_run_as_trained(trained_v2, capfd):
     ("smoke_v2.cfg", "--pca_dim=16", "--method=deepcluster_v2 does not use --pca_dim"),
     ("smoke_v2.cfg", "--num_clusters=5", "does not use --num_clusters"),
     ("smoke.cfg", "--temperature=0.2", "--method=deepcluster does not use --temperature"),
+    ("smoke.cfg", "--feature_spread=0.1", "--method=deepcluster does not use --feature_spread"),
     ("smoke.cfg", "--method=deepcluster_v2",
      "--method=deepcluster_v2 does not use --num_clusters, --clustering, --pca_dim"),
 ])
@@ -236,6 +274,8 @@ def test_v2_values_are_checked_before_any_work():
         config_from_flagfile("smoke_v2.cfg", "--warmup_epochs=2")
     with pytest.raises(config.ConfigError, match="--final_learning_rate=1.0: needs 0 <= "):
         config_from_flagfile("smoke_v2.cfg", "--final_learning_rate=1")
+    with pytest.raises(config.ConfigError, match="--feature_spread=-0.1: needs 0 <= weight"):
+        config_from_flagfile("smoke_v2.cfg", "--feature_spread=-0.1")
 
 
 def test_the_schedule_warms_up_from_zero_then_follows_a_cosine_to_the_final_rate():

@@ -23,7 +23,7 @@ _MODULES = {"alexnet": (alexnet, alexnet.build_alexnet),
             "small_vgg": (small_vgg, small_vgg.build_small_vgg)}
 
 __all__ = ["ARCHS", "FoldedBackbone", "NormalizePixels", "Sobel", "build_backbone",
-           "cluster_endpoint", "head_endpoint", "min_image_size"]
+           "cluster_endpoint", "head_endpoint", "min_image_size", "spread_endpoints"]
 
 
 def _check_arch(arch: str) -> None:
@@ -90,6 +90,13 @@ def head_endpoint(arch: str) -> str:
     """Name of the endpoint the DeepCluster top layer Dense(k) is applied to."""
     _check_arch(arch)
     return "pool" if arch == "resnet50" else "fc7"
+
+
+def spread_endpoints(arch: str) -> tuple:
+    """The endpoints DeepCluster-v2's --feature_spread spreads: the fully connected layers
+    between the convolutions and the projection head, or ResNet-50's pooled features."""
+    _check_arch(arch)
+    return ("pool",) if arch == "resnet50" else ("fc6", "fc7")
 
 
 @contextlib.contextmanager
