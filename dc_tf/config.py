@@ -85,7 +85,7 @@ class TrainConfig:
     color_jitter: float = 1.0
     blur: bool = True
     # dc_tf's addition to DeepCluster-v2 (0: the published objective): the weight of a term
-    # that spreads fc6 and fc7 over more directions (model.spread_penalty).
+    # that spreads the last convolutions, fc6 and fc7 over more directions (model.spread_penalty).
     feature_spread: float = 0.0
     # Optimisation.
     epochs: int = 500

@@ -108,15 +108,17 @@ class DeepClusterModel(keras.Model):
 
 
 def spread_penalty(features: tf.Tensor) -> tf.Tensor:
-    """-log of the participation ratio of float32 [n, c] features over their n rows.
+    """-log of the participation ratio of float32 [n, ...] features over their n rows.
 
+    Each row is flattened (a feature map counts as one vector of c = h * w * channels values).
     With C the covariance of the rows, the participation ratio tr(C)^2 / ||C||_F^2 counts the
     directions the features spread over: 1 when one direction holds all their variance, up to
     min(n - 1, c) when the variance is spread evenly. The penalty is scale-free, so it reshapes
     the spectrum without pulling the features' size. Computed on the [n, n] Gram matrix of the
     centred rows, which has C's non-zero eigenvalues (times n - 1).
     """
-    centred = features - tf.reduce_mean(features, axis=0, keepdims=True)
+    rows = tf.reshape(features, [tf.shape(features)[0], -1])
+    centred = rows - tf.reduce_mean(rows, axis=0, keepdims=True)
     gram = tf.matmul(centred, centred, transpose_b=True)
     return (tf.math.log(tf.reduce_sum(tf.square(gram)) + 1e-12)
             - 2.0 * tf.math.log(tf.linalg.trace(gram) + 1e-6))
@@ -136,8 +138,8 @@ class DeepClusterV2Model(keras.Model):
     The loss is, per head, the cross-entropy of (embedding . prototypes) / temperature against
     the example's cluster over every crop, averaged over heads; with `feature_spread` > 0,
     dc_tf adds that weight times the sum of `spread_penalty` over `spread_endpoints` of the
-    global crops (not in the published method: it keeps fc6 and fc7 from collapsing onto a few
-    directions, bench/RESULTS.md §10). Backbone and projection train
+    global crops (not in the published method: it keeps the last convolutions, fc6 and fc7 from
+    collapsing onto a few directions, bench/RESULTS.md §10). Backbone and projection train
     by SGD with momentum and coupled L2 weight decay, as DeepClusterModel's backbone, optionally
     through LARC (`optim.larc`).
 

@@ -109,11 +109,15 @@ def test_spread_penalty_is_minus_log_the_participation_ratio():
     even = np.concatenate([np.eye(12), -np.eye(12)]) * 3.0
     np.testing.assert_allclose(spread_penalty(tf.constant(even, tf.float32)), -np.log(12),
                                rtol=1e-5)
+    # A feature map counts as its flattened rows.
+    np.testing.assert_allclose(spread_penalty(tf.constant(x.reshape(50, 2, 3, 2), tf.float32)),
+                               got, rtol=1e-6)
 
 
-def test_feature_spread_trains_fc6_and_fc7_onto_more_directions():
+def test_feature_spread_trains_conv3_fc6_and_fc7_onto_more_directions():
     """With the prototypes at zero the cross-entropy has no gradient: the steps follow the
-    spread term alone, and the participation ratios of fc6 and fc7 over the batch must grow."""
+    spread term alone, and the participation ratios of conv3, fc6 and fc7 over the batch must
+    grow."""
     model = _tiny_model(feature_spread=1.0)
     model.optimizer.learning_rate.assign(0.005)  # this tiny network's steps at 0.05 overshoot
     model.assignments.assign(np.zeros((2, 40), np.int32))
@@ -123,10 +127,10 @@ def test_feature_spread_trains_fc6_and_fc7_onto_more_directions():
 
     def ratios():
         outputs = model.backbone(batch, training=True)
-        return np.exp([-spread_penalty(outputs[name]).numpy() for name in ("fc6", "fc7")])
+        return np.exp([-spread_penalty(outputs[name]).numpy() for name in ("conv3", "fc6", "fc7")])
 
     before = ratios()
-    model.fit(tf.data.Dataset.from_tensors((views, np.arange(32, dtype=np.int32))).repeat(20),
+    model.fit(tf.data.Dataset.from_tensors((views, np.arange(32, dtype=np.int32))).repeat(40),
               epochs=1, verbose=0)
     assert (ratios() > 1.5 * before).all(), (before, ratios())
 

@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 
 from dc_tf.models import (ARCHS, FoldedBackbone, NormalizePixels, Sobel, build_backbone,
-                          cluster_endpoint, head_endpoint)
+                          cluster_endpoint, head_endpoint, spread_endpoints)
 from dc_tf.models.layers import SOBEL_X, SOBEL_Y
 
 MEAN = (0.485, 0.456, 0.406)
@@ -91,6 +91,11 @@ def test_endpoint_names_exist_in_outputs():
     assert cluster_endpoint("small_vgg") == "fc7_pre_relu" and head_endpoint("alexnet") == "fc7"
     assert cluster_endpoint("resnet50") == head_endpoint("resnet50") == "pool"
     assert {cluster_endpoint("small_vgg"), head_endpoint("small_vgg")} <= set(model.output)
+    # --feature_spread's layers: the last convolutional block and the fully connected layers.
+    assert spread_endpoints("small_vgg") == ("conv3", "fc6", "fc7")
+    assert spread_endpoints("alexnet") == spread_endpoints("vgg16") == ("conv5", "fc6", "fc7")
+    assert spread_endpoints("resnet50") == ("pool",)
+    assert set(spread_endpoints("small_vgg")) <= set(model.output)
 
 
 # --- front-end ------------------------------------------------------------------------------

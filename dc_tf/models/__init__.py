@@ -93,10 +93,11 @@ def head_endpoint(arch: str) -> str:
 
 
 def spread_endpoints(arch: str) -> tuple:
-    """The endpoints DeepCluster-v2's --feature_spread spreads: the fully connected layers
-    between the convolutions and the projection head, or ResNet-50's pooled features."""
+    """The endpoints DeepCluster-v2's --feature_spread spreads: the last convolutional block and
+    the fully connected layers between it and the projection head, or ResNet-50's pooled
+    features (its last block, averaged)."""
     _check_arch(arch)
-    return ("pool",) if arch == "resnet50" else ("fc6", "fc7")
+    return _MODULES[arch][0].SPREAD_ENDPOINTS
 
 
 @contextlib.contextmanager

@@ -15,6 +15,9 @@ MIN_IMAGE_SIZE = 63
 _CONVS = (("conv1", 96, 11, True), ("conv2", 256, 5, True), ("conv3", 384, 3, False),
           ("conv4", 384, 3, False), ("conv5", 256, 3, True))
 
+# What DeepCluster-v2's --feature_spread spreads: the last convolutional block and fc6, fc7.
+SPREAD_ENDPOINTS = (_CONVS[-1][0], "fc6", "fc7")
+
 
 def build_alexnet(inputs, mean, std, sobel: bool, seed: int | None,
                   dropout: bool = True) -> keras.Model:

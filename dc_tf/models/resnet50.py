@@ -21,6 +21,9 @@ MIN_IMAGE_SIZE = 32
 STAGES = {"conv2": "conv2_block3_out", "conv3": "conv3_block4_out",
           "conv4": "conv4_block6_out", "conv5": "conv5_block3_out"}
 
+# What DeepCluster-v2's --feature_spread spreads: the last block, averaged over positions.
+SPREAD_ENDPOINTS = ("pool",)
+
 
 def build_resnet50(inputs, mean, std, sobel: bool, seed: int | None,
                    dropout: bool = True) -> keras.Model:

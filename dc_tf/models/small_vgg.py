@@ -16,6 +16,9 @@ MIN_IMAGE_SIZE = 8
 
 _FILTERS = (32, 64, 128)
 
+# What DeepCluster-v2's --feature_spread spreads: the last convolutional block and fc6, fc7.
+SPREAD_ENDPOINTS = (f"conv{len(_FILTERS)}", "fc6", "fc7")
+
 
 def build_small_vgg(inputs, mean, std, sobel: bool, seed: int | None,
                   dropout: bool = True) -> keras.Model:

@@ -12,6 +12,9 @@ MIN_IMAGE_SIZE = 32
 
 _BLOCKS = ((64, 2), (128, 2), (256, 3), (512, 3), (512, 3))  # (filters, convs) per block
 
+# What DeepCluster-v2's --feature_spread spreads: the last convolutional block and fc6, fc7.
+SPREAD_ENDPOINTS = (f"conv{len(_BLOCKS)}", "fc6", "fc7")
+
 
 def build_vgg16(inputs, mean, std, sobel: bool, seed: int | None,
                   dropout: bool = True) -> keras.Model:
