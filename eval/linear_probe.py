@@ -257,9 +257,10 @@ def clustering_quality(x: np.ndarray, labels: np.ndarray, num_classes: int, seed
     """
     x = l2_normalize(x)
     results = [kmeans(x, num_classes, seed=seed + i) for i in range(runs)]
-    best = min(results, key=lambda r: r.loss)  # the first of equal objectives
     nmis = [metrics.nmi(labels, r.labels) for r in results]
-    return {"nmi": metrics.nmi(labels, best.labels),
+    i = int(np.argmin([r.loss for r in results]))  # the first of equal objectives
+    best = results[i]
+    return {"nmi": nmis[i],
             "ari": metrics.adjusted_rand_index(labels, best.labels),
             "acc": metrics.clustering_accuracy(labels, best.labels),
             "kmeans_runs": runs, "nmi_mean": float(np.mean(nmis)),
@@ -424,8 +425,8 @@ def markdown_table(report: dict) -> str:
     first = rows[0]
     lines = [f"Linear probes {first['dataset']} -> {first['test_dataset']} ({first['mode']}, "
              f"{first['test_views']}): top-1 %, last epoch (best epoch). kNN k={first['knn']['k']}"
-             f": top-1 %. k-means k={first['num_classes']} on the test split (the lowest objective of "
-             f"{first['clustering'].get('kmeans_runs', 1)} runs): NMI, ARI, ACC %.",
+             f": top-1 %. k-means k={first['num_classes']} on the test split (the lowest "
+             f"objective of {first['clustering'].get('kmeans_runs', 1)} runs): NMI, ARI, ACC %.",
              "", "| model | " + " | ".join(layers) + " | kNN | NMI | ARI | ACC |",
              "|---" * (len(layers) + 5) + "|"]
     for row in rows:
