@@ -32,6 +32,7 @@ from absl import app, flags
 
 from dc_tf import data
 from dc_tf.data import pipelines
+from pipelines.report import per_image
 
 flags.DEFINE_string("probe", None, "JSON written by eval.linear_probe.", required=True)
 flags.DEFINE_string("dataset", "fashion_mnist:test", "The probe's test split (single-channel).")
@@ -93,20 +94,15 @@ def within_class_eta2(values: np.ndarray, labels: np.ndarray, clusters: np.ndarr
 def main(argv):
     del argv
     with open(FLAGS.probe) as f:
-        models = json.load(f)["models"]
+        report = json.load(f)
     images, labels = _test_images(FLAGS.dataset)
     per_factor = factors(images)
-    for model in models:
-        record = model.get("per_image")
-        if record is None:
-            raise app.UsageError(f"{FLAGS.probe}: model {model.get('name')!r} has no per_image "
-                                 "record; rerun eval.linear_probe (it writes one per model)")
-        model_labels = np.array(record["labels"].split(), np.int64)
+    for model in report["models"]:
+        (model_labels, clusters), _ = per_image(report, model["name"], "nmi")
         if not np.array_equal(model_labels, labels):
             raise app.UsageError(f"{FLAGS.probe}: its test labels are not those of "
                                  f"--dataset={FLAGS.dataset} in order; give the probe's split")
-        clusters = np.array(record["cluster"].split(), np.int64)
-        print(json.dumps({"model": model.get("name"), **{
+        print(json.dumps({"model": model["name"], **{
             name: round(within_class_eta2(v, labels, clusters), 3)
             for name, v in per_factor.items()}}), flush=True)
 
